@@ -1,0 +1,1 @@
+"""Checkpoint formats: the HF <-> megatron parameter mapping (converters build on it)."""

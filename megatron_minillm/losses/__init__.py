@@ -1,0 +1,5 @@
+"""Losses on vocab-parallel logits."""
+
+from megatron_minillm.losses.lm import masked_lm_loss
+
+__all__ = ["masked_lm_loss"]

@@ -1,0 +1,150 @@
+"""Build a megatron-core ``GPTModel`` that reproduces an HF architecture, on this rank's TP/PP slice.
+
+Teacher and student are two calls with two architectures in the same process; both use the TP/PP
+groups of ``parallel_state``.
+"""
+
+import math
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_minillm.models.hf_config import Architecture
+from megatron_minillm.models.vocab import padded_vocab_size
+from megatron_minillm.parallel import LayoutError
+from megatron_minillm.platform import is_cuda
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_ACTIVATIONS = {
+    "swiglu": F.silu,
+    "relu": F.relu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def use_transformer_engine() -> bool:
+    """TE layer specs only where TE imports and a GPU runs them."""
+    if not is_cuda():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_layout(arch: Architecture, tp: int, pp: int) -> None:
+    """Raise one clear error for each way ``arch`` cannot be split over TP x PP."""
+    if arch.num_attention_heads % tp:
+        raise LayoutError(f"TP={tp} does not divide the {arch.num_attention_heads} attention heads")
+    if arch.num_query_groups % tp:
+        raise LayoutError(
+            f"TP={tp} does not divide the {arch.num_query_groups} key/value heads (query groups)"
+        )
+    if arch.ffn_hidden_size % tp:
+        raise LayoutError(f"TP={tp} does not divide the FFN size {arch.ffn_hidden_size}")
+    if arch.num_layers % pp:
+        raise LayoutError(f"PP={pp} does not divide the {arch.num_layers} layers")
+
+
+def transformer_config(arch: Architecture, dtype: str = "fp32", **overrides: Any) -> TransformerConfig:
+    """The megatron TransformerConfig for ``arch`` at the current TP/PP layout (dropout off)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    check_layout(arch, tp, pp)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        normalization=arch.normalization,
+        layernorm_epsilon=arch.layernorm_epsilon,
+        gated_linear_unit=arch.activation == "swiglu",
+        activation_func=_ACTIVATIONS[arch.activation],
+        add_bias_linear=arch.add_bias_linear,
+        add_qkv_bias=arch.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # The fused kernels need apex/TE builds; the unfused path is the same maths.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        params_dtype=DTYPES[dtype],
+        pipeline_dtype=DTYPES[dtype],
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        # Initialise the full weight then split it, so init does not depend on TP.
+        use_cpu_initialization=True,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(arch: Architecture) -> ModuleSpec:
+    if use_transformer_engine():
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=arch.normalization)
+
+
+def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """RoPE frequency scaling with the config's own factors (megatron hard-codes llama3's 1, 4, 8192)."""
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def build_model(
+    arch: Architecture,
+    dtype: str = "fp32",
+    make_vocab_size_divisible_by: int = 128,
+    config: Optional[TransformerConfig] = None,
+    **config_overrides: Any,
+) -> GPTModel:
+    """Build this rank's stage of ``arch`` (its layers and, on first/last stage, embeddings/head)."""
+    config = config or transformer_config(arch, dtype, **config_overrides)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch),
+        vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type=arch.position_embedding_type,
+        rotary_base=arch.rotary_base,
+    )
+    if arch.rope_scaling is not None:
+        rope = model.rotary_pos_emb
+        rope.inv_freq = _scaled_inv_freq(rope.inv_freq, arch.rope_scaling)
+    return model

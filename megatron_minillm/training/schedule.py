@@ -1,0 +1,54 @@
+"""Run micro-batches through megatron's pipeline schedule (1F1B for PP > 1, plain loop otherwise)."""
+
+from functools import partial
+from typing import Callable, Iterator, Sequence
+
+import torch
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+Batch = dict[str, torch.Tensor]
+# (micro-batch, vocab-parallel logits [b, s, V/TP]) -> (scalar loss, metrics to report)
+LossFunc = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _forward_step(loss_func: LossFunc, data: Iterator[Batch], model: torch.nn.Module):
+    batch = next(data)
+    logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    return logits, partial(loss_func, batch)
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    micro_batches: Sequence[Batch],
+    loss_func: LossFunc,
+    forward_only: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Forward (and backward) every micro-batch; return the metrics dicts (last stage only).
+
+    Every micro-batch must have the same [b, s] shape: the pipeline sends fixed-size activations.
+    """
+    batch_size, seq_length = micro_batches[0]["tokens"].shape
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_func),
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: MegatronOptimizer,
+    micro_batches: Sequence[Batch],
+    loss_func: LossFunc,
+) -> tuple[list[dict[str, torch.Tensor]], float]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics, grad norm."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = forward_backward(model, micro_batches, loss_func)
+    _, grad_norm, _ = optimizer.step()
+    return metrics, grad_norm
