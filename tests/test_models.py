@@ -94,7 +94,7 @@ def _parity(family: str) -> list[str]:
                 assert torch.isneginf(got[..., valid:]).all(), "padded vocab must be -inf"
 
         # Gradients through DDP + finalize_model_grads (DP all-reduce, tied-embedding all-reduce).
-        ddp, _ = setup_model_and_optimizer(model, OptimizerConfig(lr=1e-3))
+        ddp, _, _ = setup_model_and_optimizer(model, OptimizerConfig(lr=1e-3))
         ddp.zero_grad_buffer()
         forward_backward(ddp, batches, loss_func)
         params = dict(model.named_parameters())

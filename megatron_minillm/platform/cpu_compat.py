@@ -85,12 +85,16 @@ def _noop(*_args: Any, **_kwargs: Any) -> None:
 def _cuda_type_strings() -> Iterator[None]:
     """Make ``Tensor.type()`` report ``torch.cuda.*`` for CPU tensors (megatron's dtype checks)."""
     original = torch.Tensor.type
+    if getattr(original, "_minillm_cpu_patched", False):  # already inside a patched call
+        yield
+        return
 
     def cuda_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw: Any) -> Any:
         if dtype is None and not kw and self.device.type == "cpu":
             return original(self).replace("torch.", "torch.cuda.", 1)
         return original(self, dtype, non_blocking, **kw)
 
+    cuda_type._minillm_cpu_patched = True  # type: ignore[attr-defined]
     torch.Tensor.type = cuda_type
     try:
         yield
@@ -152,15 +156,10 @@ def _patch_megatron_modules() -> None:
                 namespace["clip_grad_by_total_norm_fp32"]
             )
         # The mixed-precision optimizers classify params by their 'torch.cuda.*' type string.
-        if name == "megatron.core.optimizer.distrib_optimizer":
-            cls = namespace["DistributedOptimizer"]
-            cls._build_model_and_main_param_groups = staticmethod(
-                _with_cuda_type_strings(cls._build_model_and_main_param_groups)
-            )
-            cls.__init__ = _with_cuda_type_strings(cls.__init__)
-        if name == "megatron.core.optimizer.optimizer":
-            cls = namespace["Float16OptimizerWithFloat16Params"]
-            cls.__init__ = _with_cuda_type_strings(cls.__init__)
+        for cls_name in ("DistributedOptimizer", "Float16OptimizerWithFloat16Params"):
+            cls = namespace.get(cls_name)
+            if isinstance(cls, type) and cls.__module__ == name:
+                cls.__init__ = _with_cuda_type_strings(cls.__init__)
 
 
 # Every megatron-core module this project uses, imported before patching so that names bound by

@@ -15,14 +15,23 @@ from megatron.core.distributed import (
 )
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
 def setup_model_and_optimizer(
     model: GPTModel,
     optimizer_config: OptimizerConfig,
     ddp_config: Optional[DistributedDataParallelConfig] = None,
-) -> tuple[DistributedDataParallel, MegatronOptimizer]:
-    """Return ``(ddp_model, optimizer)`` for a student model (the teacher is never wrapped)."""
+    train_iters: int = 1,
+    lr_warmup_iters: int = 0,
+    lr_decay_style: str = "constant",
+) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
+    """Return ``(ddp_model, optimizer, scheduler)`` for a student (the teacher is never wrapped).
+
+    The scheduler is not optional: it is what applies megatron's per-group weight-decay multipliers
+    (no decay on biases and norms); without it every group decays with ``weight_decay``.
+    The schedule counts optimizer steps (iterations).
+    """
     ddp_config = replace(
         ddp_config or DistributedDataParallelConfig(grad_reduce_in_fp32=True),
         use_distributed_optimizer=optimizer_config.use_distributed_optimizer,
@@ -33,4 +42,17 @@ def setup_model_and_optimizer(
     if ddp_config.overlap_grad_reduce:
         model.config.grad_sync_func = ddp_model.start_grad_sync
     optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
-    return ddp_model, optimizer
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if lr_warmup_iters else optimizer_config.lr,
+        max_lr=optimizer_config.lr,
+        min_lr=optimizer_config.min_lr or 0.0,
+        lr_warmup_steps=lr_warmup_iters,
+        lr_decay_steps=max(train_iters, lr_warmup_iters + 1),
+        lr_decay_style=lr_decay_style,
+        start_wd=optimizer_config.weight_decay,
+        end_wd=optimizer_config.weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+    )
+    return ddp_model, optimizer, scheduler

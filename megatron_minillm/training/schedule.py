@@ -5,6 +5,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 Batch = dict[str, torch.Tensor]
@@ -43,6 +44,7 @@ def forward_backward(
 def train_step(
     model: torch.nn.Module,
     optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
     micro_batches: Sequence[Batch],
     loss_func: LossFunc,
 ) -> tuple[list[dict[str, torch.Tensor]], float]:
@@ -50,5 +52,7 @@ def train_step(
     model.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = forward_backward(model, micro_batches, loss_func)
-    _, grad_norm, _ = optimizer.step()
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=1)
     return metrics, grad_norm
