@@ -219,12 +219,22 @@ def _layer_offset(model: torch.nn.Module) -> int:
     return layers[0].layer_number - 1 if len(layers) else 0
 
 
+# transformer-engine layer specs fuse each pre-norm into the linear that follows it.
+_TE_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
 def global_name(model: torch.nn.Module, local_name: str) -> str:
-    """``decoder.layers.<local>.x`` on this pipeline stage -> ``decoder.layers.<global>.x``."""
+    """``decoder.layers.<local>.x`` on this stage -> ``decoder.layers.<global>.x`` (local-spec names)."""
     match = _LAYER.match(local_name)
     if not match:
         return local_name
-    return f"decoder.layers.{int(match.group(1)) + _layer_offset(model)}.{match.group(2)}"
+    suffix = _TE_FUSED_NORMS.get(match.group(2), match.group(2))
+    return f"decoder.layers.{int(match.group(1)) + _layer_offset(model)}.{suffix}"
 
 
 def shard_tensor(full: Tensor, param: Tensor, name: str, gated_fc1: bool) -> Tensor:

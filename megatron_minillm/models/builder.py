@@ -147,4 +147,8 @@ def build_model(
     if arch.rope_scaling is not None:
         rope = model.rotary_pos_emb
         rope.inv_freq = _scaled_inv_freq(rope.inv_freq, arch.rope_scaling)
+    if config.params_dtype != torch.float32:
+        # What megatron's Float16Module does to its module: norms too, so every matmul sees one
+        # dtype (RoPE's inv_freq is a plain attribute and stays fp32). Losses upcast the logits.
+        model.to(config.params_dtype)
     return model
