@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -11,3 +13,4 @@ _tmp = Path(tempfile.gettempdir()) / f"minillm-tests-{os.getpid()}"
 _tmp.mkdir(parents=True, exist_ok=True)
 os.environ["TMPDIR"] = str(_tmp)
 tempfile.tempdir = str(_tmp)
+atexit.register(shutil.rmtree, _tmp, ignore_errors=True)

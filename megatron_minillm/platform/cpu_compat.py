@@ -14,6 +14,7 @@ CPU. Our own code and torch itself run unpatched and at full speed.
 
 import functools
 import importlib
+import logging
 import sys
 import types
 from contextlib import contextmanager
@@ -128,6 +129,10 @@ def _patch_torch_once() -> None:
     cuda.manual_seed_all = _noop
     cuda.get_rng_state = cuda.random.get_rng_state = _cpu_rng_state
     cuda.set_rng_state = cuda.random.set_rng_state = _set_cpu_rng_state
+    # The tracker warns when the CPU stream moves inside a fork; on CPU that stream *is* the fork.
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
     # `.cuda()` moves nothing when the compute device is the CPU.
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
