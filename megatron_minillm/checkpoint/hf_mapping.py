@@ -9,7 +9,7 @@ The maps are per layer so that converters can stream a 13B model one layer at a 
 """
 
 import re
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Container, Iterable, Mapping, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -160,40 +160,51 @@ def _layer_mcore_to_hf(arch: Architecture, get: Getter, i: int) -> dict[str, Ten
     return out
 
 
-def _top_hf_to_mcore(arch: Architecture, get: Getter) -> dict[str, Tensor]:
-    out = {m: get(h) for m, h in _TOP[arch.family].items()}
-    if arch.position_offset:  # OPT: rows 0..1 of embed_positions are never used
-        key = "embedding.position_embeddings.weight"
-        out[key] = out[key][arch.position_offset :]
+def _top_pairs(arch: Architecture) -> list[tuple[str, str]]:
+    """(megatron name, HF name) of the weights outside the transformer layers."""
+    pairs = list(_TOP[arch.family].items())
     if not arch.tie_word_embeddings:
-        out["output_layer.weight"] = get("lm_head.weight")
+        pairs.append(("output_layer.weight", "lm_head.weight"))
+    return pairs
+
+
+def hf_name(arch: Architecture, mcore_name: str) -> str:
+    """The HF name of a top-level (non-layer) megatron weight."""
+    return dict(_top_pairs(arch))[mcore_name]
+
+
+def _top_hf_to_mcore(arch: Architecture, get: Getter, wanted: Optional[Container[str]]) -> dict[str, Tensor]:
+    out = {m: get(h) for m, h in _top_pairs(arch) if wanted is None or m in wanted}
+    key = "embedding.position_embeddings.weight"
+    if arch.position_offset and key in out:  # OPT: rows 0..1 of embed_positions are never used
+        out[key] = out[key][arch.position_offset :]
     return out
 
 
-def _top_mcore_to_hf(arch: Architecture, get: Getter) -> dict[str, Tensor]:
-    out = {h: get(m) for m, h in _TOP[arch.family].items()}
-    if arch.position_offset:  # the two unused OPT rows come back as zeros
-        key = _TOP["opt"]["embedding.position_embeddings.weight"]
+def _top_mcore_to_hf(arch: Architecture, get: Getter, wanted: Optional[Container[str]]) -> dict[str, Tensor]:
+    out = {h: get(m) for m, h in _top_pairs(arch) if wanted is None or m in wanted}
+    key = _TOP["opt"]["embedding.position_embeddings.weight"]
+    if arch.position_offset and key in out:  # the two unused OPT rows come back as zeros
         pos = out[key]
         out[key] = torch.cat((pos.new_zeros(arch.position_offset, pos.shape[1]), pos), dim=0)
-    if not arch.tie_word_embeddings:
-        out["lm_head.weight"] = get("output_layer.weight")
     return out
 
 
-def hf_to_mcore(arch: Architecture, get: Getter, layers: Iterable[int] | None = None,
-                top: bool = True) -> dict[str, Tensor]:  # fmt: skip
-    """Full megatron tensors for the given global ``layers`` (default: all) and top-level weights."""
-    out = _top_hf_to_mcore(arch, get) if top else {}
+def hf_to_mcore(arch: Architecture, get: Getter, layers: Optional[Iterable[int]] = None,
+                top: Optional[Container[str]] = None) -> dict[str, Tensor]:  # fmt: skip
+    """Full megatron tensors for global ``layers`` (default: all) and the top-level weights named
+    in ``top`` (megatron names; default: all of them)."""
+    out = _top_hf_to_mcore(arch, get, top)
     for i in range(arch.num_layers) if layers is None else layers:
         out.update(_layer_hf_to_mcore(arch, get, i))
     return out
 
 
-def mcore_to_hf(arch: Architecture, get: Getter, layers: Iterable[int] | None = None,
-                top: bool = True) -> dict[str, Tensor]:  # fmt: skip
-    """HF tensors for the given global ``layers`` (default: all) and top-level weights."""
-    out = _top_mcore_to_hf(arch, get) if top else {}
+def mcore_to_hf(arch: Architecture, get: Getter, layers: Optional[Iterable[int]] = None,
+                top: Optional[Container[str]] = None) -> dict[str, Tensor]:  # fmt: skip
+    """HF tensors for global ``layers`` (default: all) and the top-level weights named in ``top``
+    (megatron names; default: all of them)."""
+    out = _top_mcore_to_hf(arch, get, top)
     for i in range(arch.num_layers) if layers is None else layers:
         out.update(_layer_mcore_to_hf(arch, get, i))
     return out

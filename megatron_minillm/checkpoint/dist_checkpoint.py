@@ -1,0 +1,130 @@
+"""The native checkpoint: megatron-core ``dist_checkpointing`` (torch_dist) plus what makes it usable.
+
+A checkpoint directory holds::
+
+    config.json                 the HF config it came from (so load_architecture works on it)
+    tokenizer / generation files copied from the HF directory
+    model/                      dist_checkpointing of model.sharded_state_dict(): loads at any TP x PP
+    minillm_checkpoint.json     metadata, written last
+
+Saves are atomic: everything is written into ``<dir>.partial`` and renamed at the end, so an
+interrupted save never looks like a valid checkpoint.
+"""
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_minillm.checkpoint.hf_io import copy_side_files
+from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
+from megatron_minillm.models.hf_config import Architecture, load_architecture
+
+METADATA_FILE = "minillm_checkpoint.json"
+MODEL_DIR = "model"
+FORMAT_VERSION = 1
+
+
+class NotACheckpointError(FileNotFoundError):
+    """A directory that is not (or not yet) a complete megatron_minillm checkpoint."""
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    model_type: str
+    family: str
+    vocab_size: int  # before padding
+    dtype: str  # "fp32" | "bf16" | "fp16"
+    source: str  # where the weights came from
+    format_version: int = FORMAT_VERSION
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def read_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
+    """Validate that ``ckpt_dir`` is a complete checkpoint and return its metadata."""
+    ckpt_dir = Path(ckpt_dir)
+    partial = ckpt_dir.with_name(ckpt_dir.name + ".partial")
+    if not ckpt_dir.is_dir():
+        hint = f" (a half-written save is at {partial})" if partial.is_dir() else ""
+        raise NotACheckpointError(f"checkpoint directory {ckpt_dir} does not exist{hint}")
+    if ckpt_dir.name.endswith(".partial"):
+        raise NotACheckpointError(f"{ckpt_dir} is a half-written checkpoint (its save was interrupted)")
+    meta_path = ckpt_dir / METADATA_FILE
+    if not meta_path.is_file():
+        raise NotACheckpointError(
+            f"{ckpt_dir} is not a megatron_minillm checkpoint (no {METADATA_FILE}); convert HF "
+            "weights with `tools/checkpoint/convert.py hf-to-mcore`"
+        )
+    meta = CheckpointMetadata(**json.loads(meta_path.read_text()))
+    if meta.format_version != FORMAT_VERSION:
+        raise NotACheckpointError(f"{ckpt_dir} has format version {meta.format_version}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    metadata: CheckpointMetadata,
+    hf_dir: str | Path,
+    overwrite: bool = False,
+) -> None:
+    """Save ``model`` (collective: every rank calls it) with the HF config and tokenizer of ``hf_dir``."""
+    out_dir, hf_dir = Path(out_dir), Path(hf_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / MODEL_DIR).mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
+    torch.distributed.barrier()
+    if _is_rank0():
+        config = json.loads((hf_dir / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_side_files(hf_dir, tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    torch.distributed.barrier()
+
+
+def _differences(a: Architecture, b: Architecture) -> list[str]:
+    return [
+        f"{f.name}: checkpoint {getattr(a, f.name)!r} vs model {getattr(b, f.name)!r}"
+        for f in dataclasses.fields(Architecture)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
+def load_checkpoint(
+    model: torch.nn.Module, ckpt_dir: str | Path, arch: Optional[Architecture] = None
+) -> CheckpointMetadata:
+    """Load a checkpoint into ``model`` at whatever TP x PP it was built with (collective).
+
+    ``arch`` is the architecture ``model`` was built from; a checkpoint of another shape is refused
+    with the differing fields named.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_metadata(ckpt_dir)
+    if arch is not None:
+        diff = _differences(load_architecture(ckpt_dir), arch)
+        if diff:
+            raise CheckpointMismatchError(
+                f"checkpoint {ckpt_dir} does not fit the model: " + "; ".join(diff)
+            )
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir / MODEL_DIR))
+    except Exception as err:  # megatron raises several types for shape/key mismatches
+        raise CheckpointMismatchError(f"cannot load {ckpt_dir / MODEL_DIR} into this model: {err}") from err
+    model.load_state_dict(state, strict=True)
+    return meta

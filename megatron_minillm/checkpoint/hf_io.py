@@ -1,0 +1,129 @@
+"""Read and write Hugging Face weight directories tensor by tensor (never the whole model at once)."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
+
+# Everything besides weights that makes an HF directory usable (copied as-is).
+HF_SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+)  # fmt: skip
+
+# HF state-dict entries that are buffers, not weights (older GPT-2 / LLaMA checkpoints carry them).
+NON_WEIGHT_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+class HFWeights:
+    """Lazy access to the tensors of an HF directory: safetensors (single or sharded with an index)
+    or, where only they exist, ``pytorch_model*.bin`` (loaded with ``weights_only=True``, mmap)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"HF model directory {self.directory} does not exist")
+        self._files: dict[str, Path] = {}  # tensor name -> file
+        self._open: dict[Path, object] = {}
+        for kind in ("safetensors", "bin"):
+            if self._index(kind):
+                break
+        else:
+            raise FileNotFoundError(
+                f"{self.directory} has no model.safetensors, model.safetensors.index.json, "
+                "pytorch_model.bin or pytorch_model.bin.index.json"
+            )
+
+    def _index(self, kind: str) -> bool:
+        single = self.directory / ("model.safetensors" if kind == "safetensors" else "pytorch_model.bin")
+        index = single.with_name(single.name + ".index.json")
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: self.directory / f for name, f in weight_map.items()}
+        elif single.is_file():
+            self._files = {name: single for name in self._handle(single).keys()}
+        return bool(self._files)
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            if path.suffix == ".safetensors":
+                self._open[path] = safe_open(str(path), framework="pt")
+            else:
+                self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return self._open[path]
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def weight_keys(self) -> set[str]:
+        return {k for k in self._files if not k.endswith(NON_WEIGHT_SUFFIXES)}
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a missing name is a config/weights mismatch, named in the error)."""
+        if name not in self._files:
+            raise CheckpointMismatchError(f"HF weights in {self.directory} have no tensor {name!r}")
+        handle = self._handle(self._files[name])
+        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor with the stored shape and dtype: checks a mapping without reading data."""
+        if name not in self._files:
+            raise CheckpointMismatchError(f"HF weights in {self.directory} have no tensor {name!r}")
+        handle = self._handle(self._files[name])
+        if hasattr(handle, "get_slice"):
+            sl = handle.get_slice(name)
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[sl.get_dtype()]
+            return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+        t = handle[name]
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors into ``prefix-NNN.safetensors`` files of at most ``max_shard_bytes`` each."""
+
+    def __init__(self, directory: Path, prefix: str, max_shard_bytes: int) -> None:
+        self.directory, self.prefix, self.max_shard_bytes = directory, prefix, max_shard_bytes
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._count = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+                self.flush()
+            self._pending[name] = tensor.contiguous()
+            self._pending_bytes += size
+            self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        self._count += 1
+        filename = f"{self.prefix}-{self._count:03d}.safetensors"
+        save_file(self._pending, str(self.directory / filename), metadata={"format": "pt"})
+        self.weight_map.update({name: filename for name in self._pending})
+        self._pending, self._pending_bytes = {}, 0
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_side_files(src: Path, dst: Path, names: Iterable[str] = HF_SIDE_FILES) -> list[str]:
+    """Copy tokenizer/generation files that exist in ``src``; return their names."""
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
