@@ -50,8 +50,9 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         "TMPDIR": tmp,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+    # Not daemonic: megatron's checkpoint writer starts child processes of its own.
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, env, results, args, kwargs), daemon=True)
+        ctx.Process(target=_worker, args=(fn, r, env, results, args, kwargs))
         for r in range(world_size)
     ]
     for p in procs:

@@ -7,38 +7,11 @@ gradients against the HF model (the oracle), so importing megatron is paid once 
 import pytest
 import torch
 from harness import run_distributed
-from hf_zoo import VOCAB, hf_model
+from hf_zoo import hf_model
+from parity import assert_logits_match_hf, hf_loss, lm_loss_func, micro_batches
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 FAMILIES = ["llama", "llama_tied_rope_scaled", "opt", "gpt2"]
-
-
-def _micro_batches(num: int, batch: int = 2, seq: int = 16, seed: int = 1) -> list[dict]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(num):
-        tokens = torch.randint(0, VOCAB, (batch, seq + 1), generator=gen)
-        loss_mask = torch.ones(batch, seq)
-        loss_mask[0, :3] = 0  # a prompt-like span that carries no loss
-        out.append(
-            {
-                "tokens": tokens[:, :-1],
-                "labels": tokens[:, 1:],
-                "loss_mask": loss_mask,
-                "position_ids": torch.arange(seq).expand(batch, seq),
-            }
-        )
-    return out
-
-
-def _hf_loss(hf: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
-    """Mean over micro-batches of the token-mean CE, written plainly with HF logits."""
-    losses = []
-    for b in batches:
-        logits = hf(b["tokens"]).logits
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none")
-        losses.append((ce * b["loss_mask"]).sum() / b["loss_mask"].sum())
-    return torch.stack(losses).mean()
 
 
 def _parity(family: str) -> list[str]:
@@ -52,18 +25,17 @@ def _parity(family: str) -> list[str]:
         shard_tensor,
         strict_getter,
     )
-    from megatron_minillm.losses import masked_lm_loss
-    from megatron_minillm.models import architecture_from_dict, build_model, mask_padded_vocab
+    from megatron_minillm.models import architecture_from_dict, build_model
     from megatron_minillm.parallel import init_distributed
     from megatron_minillm.training import forward_backward, setup_model_and_optimizer
 
     hf = hf_model(family)
     arch = architecture_from_dict(hf.config.to_dict())
     full = hf_to_mcore(arch, strict_getter(hf.state_dict(), "HF model"))
-    batches = _micro_batches(2)
+    batches = micro_batches(2)
     ref_logits = [hf(b["tokens"]).logits.detach() for b in batches]
     hf.zero_grad()
-    _hf_loss(hf, batches).backward()
+    hf_loss(hf, batches).backward()
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     full_grads = hf_to_mcore(arch, strict_getter(hf_grads, "HF grads"))
 
@@ -73,30 +45,13 @@ def _parity(family: str) -> list[str]:
         model = build_model(arch)
         load_full_tensors(model, strict_getter(full, "converted HF weights"))
 
-        seen: list[torch.Tensor] = []
-
-        def loss_func(batch, logits):
-            seen.append(mask_padded_vocab(logits.detach(), arch.vocab_size))
-            loss = masked_lm_loss(logits, batch["labels"], batch["loss_mask"], arch.vocab_size)
-            return loss, {"lm loss": loss.detach().clone()}
-
-        # Logits, forward only.
-        forward_backward(model, batches, loss_func, forward_only=True)
-        if parallel_state.is_pipeline_last_stage():
-            rank = parallel_state.get_tensor_model_parallel_rank()
-            for got, ref in zip(seen, ref_logits):
-                shard = got.shape[-1]
-                start = rank * shard
-                valid = max(0, min(VOCAB - start, shard))
-                torch.testing.assert_close(got[..., :valid], ref[..., start : start + valid],
-                                           atol=1e-5, rtol=1e-5,
-                                           msg=lambda m: f"logits at TP{tp}xPP{pp}: {m}")  # fmt: skip
-                assert torch.isneginf(got[..., valid:]).all(), "padded vocab must be -inf"
+        assert_logits_match_hf(model, batches, ref_logits, arch.vocab_size, atol=1e-5,
+                               what=f"at TP{tp}xPP{pp}")  # fmt: skip
 
         # Gradients through DDP + finalize_model_grads (DP all-reduce, tied-embedding all-reduce).
         ddp, _, _ = setup_model_and_optimizer(model, OptimizerConfig(lr=1e-3))
         ddp.zero_grad_buffer()
-        forward_backward(ddp, batches, loss_func)
+        forward_backward(ddp, batches, lm_loss_func(arch.vocab_size))
         params = dict(model.named_parameters())
         for name, full_name in local_full_names(model).items():
             expected = shard_tensor(full_grads[full_name], params[name], full_name,

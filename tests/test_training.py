@@ -3,7 +3,7 @@
 import torch
 from harness import run_distributed
 from hf_zoo import hf_model
-from test_models import _hf_loss, _micro_batches
+from parity import hf_loss, lm_loss_func, micro_batches
 
 STEPS = 4
 LR, BETAS, EPS, WD, CLIP = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -26,7 +26,7 @@ def _reference_losses(family: str, per_step: list[list[dict]]) -> list[float]:
     losses = []
     for batches in per_step:
         opt.zero_grad()
-        loss = _hf_loss(hf, batches)
+        loss = hf_loss(hf, batches)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
         opt.step()
@@ -40,7 +40,6 @@ def _train(family: str) -> list[list[float]]:
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_minillm.checkpoint.hf_mapping import hf_to_mcore, load_full_tensors, strict_getter
-    from megatron_minillm.losses import masked_lm_loss
     from megatron_minillm.models import architecture_from_dict, build_model
     from megatron_minillm.parallel import init_distributed
     from megatron_minillm.training import setup_model_and_optimizer, train_step
@@ -49,12 +48,8 @@ def _train(family: str) -> list[list[float]]:
     arch = architecture_from_dict(hf.config.to_dict())
     full = hf_to_mcore(arch, strict_getter(hf.state_dict(), "HF model"))
     # The same 4 micro-batches every step (so the loss must fall); each DP rank takes its share.
-    per_step = [_micro_batches(4, seed=100)] * STEPS
+    per_step = [micro_batches(4, seed=100)] * STEPS
     expected = _reference_losses(family, per_step)
-
-    def loss_func(batch, logits):
-        loss = masked_lm_loss(logits, batch["labels"], batch["loss_mask"], arch.vocab_size)
-        return loss, {"lm loss": loss.detach().clone()}
 
     results = []
     for tp, pp, dist_opt, overlap, dtype in RUNS:
@@ -72,7 +67,7 @@ def _train(family: str) -> list[list[float]]:
         losses = []
         for batches in per_step:
             mine = batches[dp_rank :: layout.dp]
-            metrics, _ = train_step(ddp, optimizer, scheduler, mine, loss_func)
+            metrics, _ = train_step(ddp, optimizer, scheduler, mine, lm_loss_func(arch.vocab_size))
             local = torch.tensor(
                 [sum(m["lm loss"].item() for m in metrics) / len(mine) if metrics else 0.0]
             )

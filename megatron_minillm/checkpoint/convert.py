@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 
 from megatron_minillm.checkpoint.dist_checkpoint import (
     CheckpointMetadata,
-    load_checkpoint,
+    load_model,
     read_metadata,
     save_checkpoint,
 )
@@ -104,8 +104,8 @@ def convert_hf_to_mcore(
     if pending:
         raise CheckpointMismatchError(f"no HF tensor was mapped to {sorted(pending)}")
     meta = CheckpointMetadata(
-        model_type=arch.model_type, family=arch.family, vocab_size=arch.vocab_size, dtype=dtype,
-        source=str(hf_dir.resolve()),
+        model_type=arch.model_type, family=arch.family, vocab_size=arch.vocab_size,
+        padded_vocab_size=model.vocab_size, dtype=dtype, source=str(hf_dir.resolve()),
     )  # fmt: skip
     save_checkpoint(model, out_dir, meta, hf_dir, overwrite=overwrite)
     return meta
@@ -124,12 +124,10 @@ def convert_mcore_to_hf(
     if parallel_state.get_tensor_model_parallel_world_size() != 1:
         raise ValueError("mcore-to-hf runs at TP=1 (use --pp to spread the model over processes)")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    meta = read_metadata(ckpt_dir)
-    arch = load_architecture(ckpt_dir)
+    read_metadata(ckpt_dir)  # fail before any work on a directory that is not a checkpoint
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
-    model = build_model(arch, dtype=meta.dtype, perform_initialization=False)
-    load_checkpoint(model, ckpt_dir, arch)
+    model, arch, meta = load_model(ckpt_dir)
 
     tied_copy = "output_layer.weight" if arch.tie_word_embeddings else None
     params = dict(model.named_parameters())

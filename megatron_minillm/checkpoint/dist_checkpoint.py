@@ -23,6 +23,7 @@ from megatron.core import dist_checkpointing
 
 from megatron_minillm.checkpoint.hf_io import copy_side_files
 from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
+from megatron_minillm.models.builder import build_model
 from megatron_minillm.models.hf_config import Architecture, load_architecture
 
 METADATA_FILE = "minillm_checkpoint.json"
@@ -39,6 +40,7 @@ class CheckpointMetadata:
     model_type: str
     family: str
     vocab_size: int  # before padding
+    padded_vocab_size: int  # what the embedding holds; must be divisible by the loading TP
     dtype: str  # "fp32" | "bf16" | "fp16"
     source: str  # where the weights came from
     format_version: int = FORMAT_VERSION
@@ -96,6 +98,16 @@ def save_checkpoint(
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     torch.distributed.barrier()
+
+
+def load_model(ckpt_dir: str | Path, dtype: Optional[str] = None) -> tuple[torch.nn.Module, Architecture, CheckpointMetadata]:
+    """Build the checkpoint's model at the current TP x PP and load it (collective)."""
+    meta = read_metadata(ckpt_dir)
+    arch = load_architecture(ckpt_dir)
+    model = build_model(arch, dtype=dtype or meta.dtype, padded_vocab=meta.padded_vocab_size,
+                        perform_initialization=False)  # fmt: skip
+    load_checkpoint(model, ckpt_dir, arch)
+    return model, arch, meta
 
 
 def _differences(a: Architecture, b: Architecture) -> list[str]:

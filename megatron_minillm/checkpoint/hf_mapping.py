@@ -174,20 +174,11 @@ def hf_name(arch: Architecture, mcore_name: str) -> str:
 
 
 def _top_hf_to_mcore(arch: Architecture, get: Getter, wanted: Optional[Container[str]]) -> dict[str, Tensor]:
-    out = {m: get(h) for m, h in _top_pairs(arch) if wanted is None or m in wanted}
-    key = "embedding.position_embeddings.weight"
-    if arch.position_offset and key in out:  # OPT: rows 0..1 of embed_positions are never used
-        out[key] = out[key][arch.position_offset :]
-    return out
+    return {m: get(h) for m, h in _top_pairs(arch) if wanted is None or m in wanted}
 
 
 def _top_mcore_to_hf(arch: Architecture, get: Getter, wanted: Optional[Container[str]]) -> dict[str, Tensor]:
-    out = {h: get(m) for m, h in _top_pairs(arch) if wanted is None or m in wanted}
-    key = _TOP["opt"]["embedding.position_embeddings.weight"]
-    if arch.position_offset and key in out:  # the two unused OPT rows come back as zeros
-        pos = out[key]
-        out[key] = torch.cat((pos.new_zeros(arch.position_offset, pos.shape[1]), pos), dim=0)
-    return out
+    return {h: get(m) for m, h in _top_pairs(arch) if wanted is None or m in wanted}
 
 
 def hf_to_mcore(arch: Architecture, get: Getter, layers: Optional[Iterable[int]] = None,

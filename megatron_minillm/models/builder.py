@@ -122,21 +122,36 @@ def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
+def _shift_positions(offset: int, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    kwargs["position_ids"] = kwargs["position_ids"] + offset
+    return args, kwargs
+
+
 def build_model(
     arch: Architecture,
     dtype: str = "fp32",
     make_vocab_size_divisible_by: int = 128,
+    padded_vocab: Optional[int] = None,
     config: Optional[TransformerConfig] = None,
     **config_overrides: Any,
 ) -> GPTModel:
-    """Build this rank's stage of ``arch`` (its layers and, on first/last stage, embeddings/head)."""
+    """Build this rank's stage of ``arch`` (its layers and, on first/last stage, embeddings/head).
+
+    ``padded_vocab`` (a checkpoint's) overrides the padding rule ``make_vocab_size_divisible_by x TP``.
+    """
     config = config or transformer_config(arch, dtype, **config_overrides)
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    padded_vocab = padded_vocab or padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
+    if padded_vocab % tp or padded_vocab < arch.vocab_size:
+        raise LayoutError(
+            f"padded vocabulary {padded_vocab} (vocab {arch.vocab_size}) cannot be split over TP={tp}; "
+            "re-convert with a --make-vocab-size-divisible-by that TP divides"
+        )
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch),
-        vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
-        max_sequence_length=arch.max_position_embeddings,
+        vocab_size=padded_vocab,
+        max_sequence_length=arch.max_position_embeddings + arch.position_offset,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
@@ -147,6 +162,12 @@ def build_model(
     if arch.rope_scaling is not None:
         rope = model.rotary_pos_emb
         rope.inv_freq = _scaled_inv_freq(rope.inv_freq, arch.rope_scaling)
+    if arch.position_offset and model.pre_process:
+        # OPT keeps its learned positions at rows offset.. (rows 0..1 are unused): keeping the whole
+        # table makes conversion bit-exact, and callers still pass positions starting at 0.
+        model.embedding.register_forward_pre_hook(
+            partial(_shift_positions, arch.position_offset), with_kwargs=True
+        )
     if config.params_dtype != torch.float32:
         # What megatron's Float16Module does to its module: norms too, so every matmul sees one
         # dtype (RoPE's inv_freq is a plain attribute and stays fp32). Losses upcast the logits.

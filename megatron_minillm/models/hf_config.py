@@ -41,7 +41,7 @@ class Architecture:
     rotary_base: float = 10000.0
     rope_scaling: Optional[dict] = None  # HF rope_scaling dict (llama3 or linear), None = plain RoPE
     tie_word_embeddings: bool = False
-    position_offset: int = 0  # OPT's learned positions start at row 2
+    position_offset: int = 0  # OPT's learned positions start at row 2 (rows 0..1 unused)
 
 
 def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
@@ -136,7 +136,7 @@ def _opt(cfg: dict) -> Architecture:
         kv_channels=cfg["hidden_size"] // heads,
         ffn_hidden_size=cfg["ffn_dim"],
         vocab_size=cfg["vocab_size"],
-        max_position_embeddings=cfg["max_position_embeddings"],
+        max_position_embeddings=cfg["max_position_embeddings"],  # HF's table has 2 rows more
         normalization="LayerNorm",
         layernorm_epsilon=1e-5,
         activation=_activation(cfg.get("activation_function", "relu")),
