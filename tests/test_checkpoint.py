@@ -6,6 +6,7 @@ The exported directories are checked in the test process: identical tensors, no 
 identical greedy generation.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def _round_trip(hf_dirs: dict[str, Path], work: Path) -> None:
     from megatron.core import parallel_state
 
     from megatron_minillm.checkpoint.convert import convert_hf_to_mcore, convert_mcore_to_hf
-    from megatron_minillm.checkpoint.dist_checkpoint import load_model
+    from megatron_minillm.checkpoint.dist_checkpoint import load_checkpoint, load_model
+    from megatron_minillm.models import build_model
     from megatron_minillm.parallel import init_distributed
 
     for family, hf_dir in hf_dirs.items():
@@ -61,6 +63,17 @@ def _round_trip(hf_dirs: dict[str, Path], work: Path) -> None:
         init_distributed(tp=1, pp=2)
         convert_mcore_to_hf(ckpt, out)
         parallel_state.destroy_model_parallel()
+
+    # A checkpoint of another shape is refused with the differing fields named, before any I/O;
+    # without the architecture, megatron's own shape check is reported as a mismatch too.
+    init_distributed(tp=2, pp=1)
+    gpt2 = architecture_from_dict(json.loads((hf_dirs["gpt2"] / "config.json").read_text()))
+    with pytest.raises(CheckpointMismatchError, match="does not fit the model: family: checkpoint 'llama' vs model 'gpt2'"):
+        load_checkpoint(build_model(gpt2), work / "llama.mcore", gpt2)
+    wide = dataclasses.replace(gpt2, hidden_size=128, kv_channels=32)
+    with pytest.raises(CheckpointMismatchError, match="cannot load"):
+        load_checkpoint(build_model(wide), work / "gpt2.mcore")
+    parallel_state.destroy_model_parallel()
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:

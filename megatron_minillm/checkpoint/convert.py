@@ -20,6 +20,7 @@ from megatron_minillm.checkpoint.dist_checkpoint import (
     CheckpointMetadata,
     load_model,
     read_metadata,
+    refuse_existing,
     save_checkpoint,
 )
 from megatron_minillm.checkpoint.hf_io import (
@@ -76,6 +77,7 @@ def convert_hf_to_mcore(
 ) -> CheckpointMetadata:
     """HF directory -> native checkpoint (``dtype`` defaults to the stored weights' dtype)."""
     hf_dir = Path(hf_dir)
+    refuse_existing(Path(out_dir), overwrite)  # before reading any weights
     arch = load_architecture(hf_dir)
     weights = HFWeights(hf_dir)
     check_hf_weights(arch, weights)
@@ -125,8 +127,7 @@ def convert_mcore_to_hf(
         raise ValueError("mcore-to-hf runs at TP=1 (use --pp to spread the model over processes)")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     read_metadata(ckpt_dir)  # fail before any work on a directory that is not a checkpoint
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+    refuse_existing(out_dir, overwrite)
     model, arch, meta = load_model(ckpt_dir)
 
     tied_copy = "output_layer.weight" if arch.tie_word_embeddings else None
@@ -195,5 +196,9 @@ def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path) -> None:
     kwargs = dict(gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    # The weights are dequantised on load: what is saved is a plain fp32 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

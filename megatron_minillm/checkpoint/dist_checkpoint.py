@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_minillm.checkpoint.hf_io import copy_side_files
 from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
@@ -71,6 +72,11 @@ def read_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
     return meta
 
 
+def refuse_existing(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     out_dir: str | Path,
@@ -81,8 +87,7 @@ def save_checkpoint(
     """Save ``model`` (collective: every rank calls it) with the HF config and tokenizer of ``hf_dir``."""
     out_dir, hf_dir = Path(out_dir), Path(hf_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    refuse_existing(out_dir, overwrite)
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / MODEL_DIR).mkdir(parents=True)
@@ -136,7 +141,7 @@ def load_checkpoint(
             )
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir / MODEL_DIR))
-    except Exception as err:  # megatron raises several types for shape/key mismatches
+    except (Exception, CheckpointException) as err:  # shape/key mismatches surface as several types
         raise CheckpointMismatchError(f"cannot load {ckpt_dir / MODEL_DIR} into this model: {err}") from err
     model.load_state_dict(state, strict=True)
     return meta
