@@ -21,6 +21,12 @@ def hf_config(name: str) -> transformers.PretrainedConfig:
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
         )  # fmt: skip
+    if name == "qwen2":  # q/k/v biases, tied
+        return transformers.Qwen2Config(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+            tie_word_embeddings=True, use_sliding_window=False,
+        )  # fmt: skip
     if name == "opt":
         return transformers.OPTConfig(
             hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
@@ -39,8 +45,8 @@ def hf_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     """The same random weights on every rank that calls it with the same seed."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(name), attn_implementation="eager")
-    with torch.no_grad():  # HF inits LayerNorm to (1, 0): randomise so norms are really tested
+    with torch.no_grad():  # HF inits norms to (1, 0) and biases to 0: randomise so they are tested
         for n, p in model.named_parameters():
-            if "norm" in n or "ln_" in n:
+            if "norm" in n or "ln_" in n or n.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model.float().eval()

@@ -22,7 +22,7 @@ from megatron_minillm.checkpoint.hf_io import HFWeights
 from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
 from megatron_minillm.models import architecture_from_dict
 
-FAMILIES = ["llama", "llama_tied_rope_scaled", "opt", "gpt2"]
+FAMILIES = ["llama", "llama_tied_rope_scaled", "qwen2", "opt", "gpt2"]
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 

@@ -2,11 +2,11 @@
 
 import json
 import shutil
+import struct
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
@@ -21,18 +21,72 @@ HF_SIDE_FILES = (
 NON_WEIGHT_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class _SafetensorsFile:
+    """Reads tensors with plain file reads, not mmap: pages of a memory-mapped file stay in the
+    process's resident set, which defeats streaming a 13B checkpoint in bounded memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries = header
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def meta(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        return torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise CheckpointMismatchError(f"{self.path} is truncated at tensor {name!r}")
+        return tensor
+
+
+class _TorchBinFile:
+    """A ``pytorch_model*.bin`` file, loaded lazily with ``weights_only=True`` (no code runs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def meta(self, name: str) -> torch.Tensor:
+        return torch.empty_like(self.tensors[name], device="meta")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
 class HFWeights:
     """Lazy access to the tensors of an HF directory: safetensors (single or sharded with an index)
-    or, where only they exist, ``pytorch_model*.bin`` (loaded with ``weights_only=True``, mmap)."""
+    or, where only they exist, ``pytorch_model*.bin``."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"HF model directory {self.directory} does not exist")
         self._files: dict[str, Path] = {}  # tensor name -> file
-        self._open: dict[Path, object] = {}
-        for kind in ("safetensors", "bin"):
-            if self._index(kind):
+        self._readers: dict[Path, _SafetensorsFile | _TorchBinFile] = {}
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if self._index(self.directory / single):
                 break
         else:
             raise FileNotFoundError(
@@ -40,23 +94,25 @@ class HFWeights:
                 "pytorch_model.bin or pytorch_model.bin.index.json"
             )
 
-    def _index(self, kind: str) -> bool:
-        single = self.directory / ("model.safetensors" if kind == "safetensors" else "pytorch_model.bin")
+    def _index(self, single: Path) -> bool:
         index = single.with_name(single.name + ".index.json")
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self._files = {name: self.directory / f for name, f in weight_map.items()}
         elif single.is_file():
-            self._files = {name: single for name in self._handle(single).keys()}
+            self._files = {name: single for name in self._reader(single).keys()}
         return bool(self._files)
 
-    def _handle(self, path: Path):
-        if path not in self._open:
-            if path.suffix == ".safetensors":
-                self._open[path] = safe_open(str(path), framework="pt")
-            else:
-                self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return self._open[path]
+    def _reader(self, path: Path) -> "_SafetensorsFile | _TorchBinFile":
+        if path not in self._readers:
+            reader = _SafetensorsFile if path.suffix == ".safetensors" else _TorchBinFile
+            self._readers[path] = reader(path)
+        return self._readers[path]
+
+    def _file(self, name: str) -> Path:
+        if name not in self._files:
+            raise CheckpointMismatchError(f"HF weights in {self.directory} have no tensor {name!r}")
+        return self._files[name]
 
     def keys(self) -> list[str]:
         return list(self._files)
@@ -66,22 +122,11 @@ class HFWeights:
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (a missing name is a config/weights mismatch, named in the error)."""
-        if name not in self._files:
-            raise CheckpointMismatchError(f"HF weights in {self.directory} have no tensor {name!r}")
-        handle = self._handle(self._files[name])
-        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        return self._reader(self._file(name)).get(name)
 
     def meta(self, name: str) -> torch.Tensor:
         """A meta tensor with the stored shape and dtype: checks a mapping without reading data."""
-        if name not in self._files:
-            raise CheckpointMismatchError(f"HF weights in {self.directory} have no tensor {name!r}")
-        handle = self._handle(self._files[name])
-        if hasattr(handle, "get_slice"):
-            sl = handle.get_slice(name)
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[sl.get_dtype()]
-            return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
-        t = handle[name]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return self._reader(self._file(name)).meta(name)
 
 
 class ShardedSafetensorsWriter:
