@@ -42,7 +42,7 @@ def _round_trip(hf_dirs: dict[str, Path], work: Path) -> None:
     from megatron_minillm.checkpoint.convert import convert_hf_to_mcore, convert_mcore_to_hf
     from megatron_minillm.checkpoint.dist_checkpoint import load_checkpoint, load_model
     from megatron_minillm.models import build_model
-    from megatron_minillm.parallel import init_distributed
+    from megatron_minillm.parallel import LayoutError, init_distributed
 
     for family, hf_dir in hf_dirs.items():
         ckpt, out = work / f"{family}.mcore", work / f"{family}.hf"
@@ -70,6 +70,8 @@ def _round_trip(hf_dirs: dict[str, Path], work: Path) -> None:
     gpt2 = architecture_from_dict(json.loads((hf_dirs["gpt2"] / "config.json").read_text()))
     with pytest.raises(CheckpointMismatchError, match="does not fit the model: family: checkpoint 'llama' vs model 'gpt2'"):
         load_checkpoint(build_model(gpt2), work / "llama.mcore", gpt2)
+    with pytest.raises(LayoutError, match="padded vocabulary 257 .* cannot be split over TP=2"):
+        build_model(gpt2, padded_vocab=257)  # e.g. a checkpoint padded for another TP
     wide = dataclasses.replace(gpt2, hidden_size=128, kv_channels=32)
     with pytest.raises(CheckpointMismatchError, match="cannot load"):
         load_checkpoint(build_model(wide), work / "gpt2.mcore")

@@ -73,6 +73,9 @@ _LAYER_NORMS = {
     },
 }
 _LAYER_PREFIX = {"llama": "model.layers.{}.", "opt": "model.decoder.layers.{}.", "gpt2": "transformer.h.{}."}
+# GPT-2's Conv1D layers other than the fused QKV: (megatron, HF) prefixes.
+_GPT2_CONV1D = (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"),
+                ("mlp.linear_fc2", "mlp.c_proj"))  # fmt: skip
 _TOP = {
     "llama": {
         "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -104,8 +107,7 @@ def _layer_hf_to_mcore(arch: Architecture, get: Getter, i: int) -> dict[str, Ten
         out[mc + "self_attention.linear_qkv.bias"] = interleave_qkv(
             arch, *get(hf + "attn.c_attn.bias").chunk(3, dim=0)
         )
-        for m, h in (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"),
-                     ("mlp.linear_fc2", "mlp.c_proj")):  # fmt: skip
+        for m, h in _GPT2_CONV1D:
             out[f"{mc}{m}.weight"] = get(f"{hf}{h}.weight").t().contiguous()
             out[f"{mc}{m}.bias"] = get(f"{hf}{h}.bias")
         return out
@@ -138,8 +140,7 @@ def _layer_mcore_to_hf(arch: Architecture, get: Getter, i: int) -> dict[str, Ten
         out[hf + "attn.c_attn.bias"] = torch.cat(
             split_qkv(arch, get(mc + "self_attention.linear_qkv.bias")), dim=0
         )
-        for m, h in (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"),
-                     ("mlp.linear_fc2", "mlp.c_proj")):  # fmt: skip
+        for m, h in _GPT2_CONV1D:
             out[f"{hf}{h}.weight"] = get(f"{mc}{m}.weight").t().contiguous()
             out[f"{hf}{h}.bias"] = get(f"{mc}{m}.bias")
         return out
