@@ -1,9 +1,8 @@
 """Language-modelling (cross-entropy) loss on vocab-parallel logits: SFT and the L_PT term."""
 
 import torch
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from megatron_minillm.models.vocab import mask_padded_vocab
+from megatron_minillm.losses.distillation import token_log_probs
 
 
 def masked_lm_loss(
@@ -11,12 +10,6 @@ def masked_lm_loss(
 ) -> torch.Tensor:
     """Token-mean CE of ``labels`` under vocab-parallel ``logits`` [b, s, V/TP], over ``loss_mask``.
 
-    Only [b, s] statistics cross TP ranks (megatron's ``vocab_parallel_cross_entropy``); padded
-    vocabulary entries are excluded from the softmax.
+    Only [b, s] statistics cross TP ranks; padded vocabulary entries are excluded from the softmax.
     """
-    masked = mask_padded_vocab(logits.float(), vocab_size)
-    if masked is logits:
-        masked = masked.clone()  # megatron's CE subtracts the max in place: keep the caller's logits
-    per_token = vocab_parallel_cross_entropy(masked, labels)
-    mask = loss_mask.float()
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return -token_log_probs(logits, labels, loss_mask, vocab_size=vocab_size, reduction="token_mean")

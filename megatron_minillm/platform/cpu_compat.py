@@ -78,8 +78,13 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> 
     torch.set_rng_state(new_state)
 
 
-def _noop(*_args: Any, **_kwargs: Any) -> None:
-    return None
+def _noop() -> Callable[..., None]:
+    """A fresh no-op per patched name: torch.compile refuses one function bound to several."""
+
+    def noop(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    return noop
 
 
 @contextmanager
@@ -121,12 +126,12 @@ def _patch_torch_once() -> None:
     # megatron passes current_device() as `device=`: answering a CPU device keeps allocations local.
     cuda.current_device = lambda: _CPU
     # Device binding and syncing have nothing to do on CPU.
-    cuda.set_device = _noop
-    cuda.synchronize = _noop
+    cuda.set_device = _noop()
+    cuda.synchronize = _noop()
     # The CPU generator plays the role of the CUDA generator (megatron's RNG tracker forks it).
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     # torch.manual_seed already seeds the CPU generator and calls this: no-op avoids recursion.
-    cuda.manual_seed_all = _noop
+    cuda.manual_seed_all = _noop()
     cuda.get_rng_state = cuda.random.get_rng_state = _cpu_rng_state
     cuda.set_rng_state = cuda.random.set_rng_state = _set_cpu_rng_state
     # The tracker warns when the CPU stream moves inside a fork; on CPU that stream *is* the fork.
