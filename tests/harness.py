@@ -65,7 +65,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             if status == "error":
                 break  # the other ranks are likely blocked in a collective: stop them
     except queue.Empty:
-        pass
+        pass  # a rank never answered: reported as a timeout below
     finally:
         for p in procs:
             p.join(timeout=5 if len(outcome) == world_size else 0.1)
