@@ -55,7 +55,7 @@ def _train(family: str) -> list[list[float]]:
     for tp, pp, dist_opt, overlap, dtype in RUNS:
         layout = init_distributed(tp=tp, pp=pp)
         model = build_model(arch, dtype=dtype)
-        load_full_tensors(model, strict_getter(full, "converted HF weights"))
+        load_full_tensors(model, full)
         ddp, optimizer, scheduler = setup_model_and_optimizer(
             model,
             OptimizerConfig(lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS,

@@ -8,7 +8,6 @@ load, so the conversion layout need not be the training layout.
 
 import importlib.util
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
@@ -34,9 +33,9 @@ from megatron_minillm.checkpoint.hf_mapping import (
     hf_name,
     hf_to_mcore,
     layers_on_this_stage,
+    load_full_tensors,
     local_full_names,
     mcore_to_hf,
-    shard_tensor,
 )
 from megatron_minillm.models import Architecture, build_model, load_architecture
 from megatron_minillm.models.builder import DTYPES
@@ -86,23 +85,11 @@ def convert_hf_to_mcore(
         arch, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         perform_initialization=False,
     )  # fmt: skip
-    params = dict(model.named_parameters())
-    locals_of = defaultdict(list)  # full name -> local params (the tied embedding can have two)
-    for local, full in local_full_names(model).items():
-        locals_of[full].append(local)
-    pending = set(params)
-
-    @torch.no_grad()
-    def copy_in(full_tensors: dict[str, torch.Tensor]) -> None:
-        for full, tensor in full_tensors.items():
-            for local in locals_of[full]:
-                params[local].copy_(shard_tensor(tensor, params[local], full, model.config.gated_linear_unit))
-                pending.discard(local)
-
-    top = {full for full in locals_of if not full.startswith("decoder.layers.")}
-    copy_in(hf_to_mcore(arch, weights.get, layers=[], top=top))
-    for layer in layers_on_this_stage(model):
-        copy_in(hf_to_mcore(arch, weights.get, layers=[layer], top=()))
+    pending = {name for name, _ in model.named_parameters()}
+    top = {full for full in local_full_names(model).values() if not full.startswith("decoder.layers.")}
+    pending -= load_full_tensors(model, hf_to_mcore(arch, weights.get, layers=[], top=top), strict=False)
+    for layer in layers_on_this_stage(model):  # one layer's tensors in memory at a time
+        pending -= load_full_tensors(model, hf_to_mcore(arch, weights.get, layers=[layer], top=()), strict=False)
     if pending:
         raise CheckpointMismatchError(f"no HF tensor was mapped to {sorted(pending)}")
     meta = CheckpointMetadata(

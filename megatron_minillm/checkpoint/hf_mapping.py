@@ -279,13 +279,20 @@ def local_full_names(model: torch.nn.Module) -> dict[str, str]:
 
 
 @torch.no_grad()
-def load_full_tensors(model: torch.nn.Module, get: Getter) -> None:
-    """Copy full megatron tensors (from ``get``) into this rank's parameter shards of ``model``."""
+def load_full_tensors(model: torch.nn.Module, full: Mapping[str, Tensor], strict: bool = True) -> set[str]:
+    """Copy full megatron tensors into the parameter shards of ``model`` they feed; return the
+    local names filled. ``strict``: every parameter must be fed (the missing tensor is named);
+    a streaming caller passes one layer at a time with ``strict=False``."""
     gated = model.config.gated_linear_unit
     params = dict(model.named_parameters())
+    filled = set()
     for name, full_name in local_full_names(model).items():
-        param = params[name]
-        param.copy_(shard_tensor(get(full_name), param, full_name, gated))
+        if full_name in full:
+            params[name].copy_(shard_tensor(full[full_name], params[name], full_name, gated))
+            filled.add(name)
+        elif strict:
+            raise CheckpointMismatchError(f"no tensor {full_name!r} for the model's parameter {name!r}")
+    return filled
 
 
 def layers_on_this_stage(model: torch.nn.Module) -> range:
