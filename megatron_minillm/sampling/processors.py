@@ -1,0 +1,93 @@
+"""From one model's vocab-parallel logits to the log-probabilities tokens are drawn from.
+
+Order as in Hugging Face ``generate``: bans (no-repeat n-gram, min new tokens) first, then the
+warpers (temperature, top-k, top-p), which greedy decoding skips. Teacher mixing happens in
+probability space after both models are processed (LMOps), and a token is drawn by Gumbel-max with
+counter-based noise, so the draw never needs the full vocabulary on one rank.
+"""
+
+import math
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from megatron_minillm.models.vocab import mask_padded_vocab
+from megatron_minillm.sampling import vocab_parallel as vp
+from megatron_minillm.sampling.noise import gumbel
+from megatron_minillm.sampling.params import SamplingParams
+
+
+class NoRepeatNGram:
+    """Tokens that would repeat an n-gram of the sequence so far (prompt included), per sample.
+
+    The same rule as HF's NoRepeatNGramLogitsProcessor, kept incrementally: a table from each seen
+    (n-1)-gram to the tokens that followed it, extended by one n-gram per step.
+    """
+
+    def __init__(self, n: int, prompts: Sequence[Sequence[int]]) -> None:
+        self.n = n
+        self.sequences = [list(p) for p in prompts]
+        self.tables: list[dict[tuple[int, ...], set[int]]] = [defaultdict(set) for _ in prompts]
+        for seq, table in zip(self.sequences, self.tables):
+            for end in range(n, len(seq) + 1):
+                table[tuple(seq[end - n : end - 1])].add(seq[end - 1])
+
+    def append(self, tokens: Sequence[int]) -> None:
+        for seq, table, token in zip(self.sequences, self.tables, tokens):
+            seq.append(int(token))
+            if len(seq) >= self.n:
+                table[tuple(seq[len(seq) - self.n : -1])].add(seq[-1])
+
+    def banned(self) -> list[list[int]]:
+        prefix = self.n - 1
+        return [
+            sorted(table.get(tuple(seq[len(seq) - prefix :]) if prefix else (), ())) if len(seq) >= prefix else []
+            for seq, table in zip(self.sequences, self.tables)
+        ]
+
+
+def ban(logits: Tensor, banned: Sequence[Sequence[int]]) -> Tensor:
+    """-inf at the banned ids of each row that fall in this rank's vocabulary slice."""
+    rows = [i for i, ids in enumerate(banned) for _ in ids]
+    if not rows:
+        return logits
+    cols = torch.tensor([t for ids in banned for t in ids], dtype=torch.long) - vp.vocab_start(logits.shape[-1])
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    mine = (cols >= 0) & (cols < logits.shape[-1])
+    logits = logits.clone()
+    logits[rows_t[mine], cols[mine]] = vp.NEG_INF
+    return logits
+
+
+def processed_log_probs(logits: Tensor, params: SamplingParams, vocab_size: int,
+                        banned: Sequence[Sequence[int]]) -> Tensor:  # fmt: skip
+    """Log-probabilities [b, V/TP] (float32) of the distribution one model samples from."""
+    z = ban(mask_padded_vocab(logits.float(), vocab_size), banned)
+    if not params.greedy:
+        if params.temperature != 1.0:
+            z = z / params.temperature
+        if params.top_k:
+            z = vp.top_k_mask(z, params.top_k)
+        if params.top_p < 1.0:
+            z = vp.top_p_mask(z, params.top_p)
+    return vp.log_softmax(z)
+
+
+def mix(log_q: Tensor, log_p: Optional[Tensor], alpha: float) -> Tensor:
+    """log p~ of the teacher-mixed distribution p~ = alpha * p + (1 - alpha) * q (exact at 0 and 1)."""
+    if log_p is None or alpha == 0.0:
+        return log_q
+    if alpha == 1.0:
+        return log_p
+    return torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
+
+
+def draw(log_probs: Tensor, seeds: Tensor, step: int, greedy: bool) -> Tensor:
+    """Token ids [b]: the argmax (greedy) or a Gumbel-max sample keyed by (seed, step, token id)."""
+    if greedy:
+        return vp.argmax(log_probs)
+    start = vp.vocab_start(log_probs.shape[-1])
+    ids = torch.arange(start, start + log_probs.shape[-1])
+    return vp.argmax(log_probs.double() + gumbel(seeds, step, ids))
