@@ -28,6 +28,11 @@ setup(
         "psutil",  # megatron's dist_checkpointing writer needs it
         "tqdm",
         "pyyaml",
+        # Evaluation: Rouge-L as LMOps computes it; its Porter stemmer is nltk's (code only, no data
+        # download); report plots.
+        "rouge-score",
+        "nltk",
+        "matplotlib",
     ],
     extras_require={
         # apex is not this extra's business: it ships in NVIDIA's PyTorch containers and is built

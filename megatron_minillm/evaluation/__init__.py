@@ -1,0 +1,31 @@
+"""Evaluation metrics (Rouge-L, calibration, exposure bias, lengths) and result reports.
+
+Generation itself (tools/evaluate.py, with the sampler) feeds these; see docs/evaluation.md.
+"""
+
+from megatron_minillm.evaluation.metrics import (
+    ExposureBias,
+    corpus_rouge_l,
+    expected_calibration_error,
+    exposure_bias,
+    length_stats,
+    mean_std,
+    next_token_ece,
+    rouge_l,
+)
+from megatron_minillm.evaluation.report import ModelResults, markdown_table, to_json, write_report
+
+__all__ = [
+    "ExposureBias",
+    "ModelResults",
+    "corpus_rouge_l",
+    "expected_calibration_error",
+    "exposure_bias",
+    "length_stats",
+    "markdown_table",
+    "mean_std",
+    "next_token_ece",
+    "rouge_l",
+    "to_json",
+    "write_report",
+]

@@ -1,0 +1,107 @@
+"""Evaluation results -> JSON, a markdown comparison table and PNG plots (matplotlib, Agg backend).
+
+One :class:`ModelResults` per model: each metric's values over seeds, and optionally its
+ExAccErr curve. Files written by :func:`write_report` into one directory:
+
+- ``results.json``: every value, with mean and std (sample std, ddof=1) per metric;
+- ``results.md``: rows = models, columns = metrics, "mean ± std" over seeds;
+- ``exacc_err.png``: ExAccErr vs generation length, one line per model (when any model has one);
+- ``metric_<name>.png``: a bar chart of that metric per model, std as error bars.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training nodes
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from megatron_minillm.evaluation.metrics import ExposureBias, mean_std  # noqa: E402
+
+
+@dataclass
+class ModelResults:
+    name: str
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # metric -> one value per seed
+    exposure_bias: Optional[ExposureBias] = None
+
+
+def _metric_names(results: Sequence[ModelResults]) -> list[str]:
+    return list(dict.fromkeys(name for r in results for name in r.metrics))
+
+
+def to_json(results: Sequence[ModelResults]) -> dict:
+    models = []
+    for r in results:
+        entry: dict = {"name": r.name, "metrics": {}}
+        for name, values in r.metrics.items():
+            mean, std = mean_std(values)
+            entry["metrics"][name] = {"values": [float(v) for v in values], "mean": mean, "std": std}
+        if r.exposure_bias is not None:
+            eb = r.exposure_bias
+            entry["exposure_bias"] = {"lengths": eb.lengths.tolist(), "exacc_err": eb.exacc_err.tolist(),
+                                      "regret": eb.regret.tolist(),
+                                      "teacher_forced": eb.teacher_forced.tolist()}  # fmt: skip
+        models.append(entry)
+    return {"models": models}
+
+
+def markdown_table(results: Sequence[ModelResults], digits: int = 2) -> str:
+    """Rows = models, columns = metrics; "mean ± std" over seeds (the mean alone for one seed)."""
+    names = _metric_names(results)
+
+    def cell(values: Optional[list[float]]) -> str:
+        if not values:
+            return "–"
+        mean, std = mean_std(values)
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {r.name} | " + " | ".join(cell(r.metrics.get(n)) for n in names) + " |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def plot_exposure_bias(results: Sequence[ModelResults], path: Union[str, Path]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r.exposure_bias is not None:
+            ax.plot(r.exposure_bias.lengths, r.exposure_bias.exacc_err, label=r.name)
+    ax.set(xlabel="generation length l", ylabel="ExAccErr(l) (%)", title="Excess accumulated error")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_metric(results: Sequence[ModelResults], metric: str, path: Union[str, Path]) -> None:
+    shown = [r for r in results if r.metrics.get(metric)]
+    stats = [mean_std(r.metrics[metric]) for r in shown]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(shown) + 2), 4))
+    ax.bar([r.name for r in shown], [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4)
+    ax.set(ylabel=metric, title=metric)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: Sequence[ModelResults], out_dir: Union[str, Path]) -> list[Path]:
+    """Write every file of the module docstring into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.md"]
+    written[0].write_text(json.dumps(to_json(results), indent=2) + "\n", encoding="utf-8")
+    written[1].write_text(markdown_table(results), encoding="utf-8")
+    if any(r.exposure_bias is not None for r in results):
+        written.append(out / "exacc_err.png")
+        plot_exposure_bias(results, written[-1])
+    for metric in _metric_names(results):
+        written.append(out / f"metric_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png")
+        plot_metric(results, metric, written[-1])
+    return written
