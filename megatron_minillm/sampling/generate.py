@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference import communication_utils as comm
 from torch import Tensor
 
 from megatron_minillm.sampling import vocab_parallel as vp
 from megatron_minillm.sampling.kv_cache import KVCacheDecoder
+from megatron_minillm.sampling.noise import sample_seeds
 from megatron_minillm.sampling.params import SamplingParams
 from megatron_minillm.sampling.processors import NoRepeatNGram, draw, mix, processed_log_probs
 
@@ -165,3 +167,50 @@ def _generate(modules: list[torch.nn.Module], prompts: list[list[int]], params: 
         log_p=logps[1] if len(decoders) == 2 else None,
         log_mix=logps[-1],
     )
+
+
+@dataclass
+class Sample:
+    """One generated response (what :func:`generate_all` returns per prompt)."""
+
+    tokens: list[int]
+    log_q: list[float]
+    log_p: Optional[list[float]]
+    log_mix: list[float]
+
+
+def generate_all(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int, *,
+    vocab_size: int, batch_size: int, teacher: Optional[torch.nn.Module] = None, pad_id: int = 0,
+    progress: bool = False,
+) -> list[Sample]:  # fmt: skip
+    """Generate for a whole prompt set over the data-parallel ranks; every rank gets all samples.
+
+    Prompt i goes to DP rank i % DP with seed ``sample_seeds(seed, i)``; each rank batches its
+    prompts by length (less padding), which changes no token, since a sample depends only on its seed.
+    """
+    from tqdm import tqdm
+
+    dp_group = parallel_state.get_data_parallel_group()
+    dp, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    mine = sorted(range(dp_rank, len(prompts), dp), key=lambda i: len(prompts[i]))
+    local: dict[int, Sample] = {}
+    bar = tqdm(total=len(prompts), desc="generating", disable=not progress or dist.get_rank() != 0)
+    for start in range(0, len(mine), batch_size):
+        ids = mine[start : start + batch_size]
+        rollout = generate(model, [prompts[i] for i in ids], params, sample_seeds(seed, torch.tensor(ids)),
+                           vocab_size=vocab_size, teacher=teacher, pad_id=pad_id)  # fmt: skip
+        for row, i in enumerate(ids):
+            keep = rollout.mask[row]
+            local[i] = Sample(
+                tokens=rollout.tokens[row][keep].tolist(),
+                log_q=rollout.log_q[row][keep].tolist(),
+                log_p=rollout.log_p[row][keep].tolist() if rollout.log_p is not None else None,
+                log_mix=rollout.log_mix[row][keep].tolist(),
+            )
+        bar.update(len(ids) * dp)
+    bar.close()
+    gathered: list = [None] * dp
+    dist.all_gather_object(gathered, local, group=dp_group)
+    merged = {i: s for part in gathered for i, s in part.items()}
+    return [merged[i] for i in range(len(prompts))]

@@ -3,45 +3,61 @@
 
 No RNG state is consumed, so a sample's tokens do not depend on the TP split of the vocabulary, the
 pipeline, the data-parallel rank, the batch size or which other samples share the batch. The hash
-is Chris Wellons' "lowbias32" integer mixer, evaluated on int64 tensors holding 32-bit values.
+is Chris Wellons' "lowbias32" integer mixer in int32 arithmetic (multiplication wraps modulo 2^32;
+right shifts are masked to be logical), which is ~10x cheaper on CPU than emulating 32-bit words
+in int64.
 """
 
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
+_M1, _M2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # lowbias32 multipliers as int32 values
+_GOLDEN = 0x9E3779B9 - (1 << 32)
+
+
+def _shr(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int32 words."""
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
 
 
 def _mix32(x: Tensor) -> Tensor:
-    """lowbias32 on the low 32 bits of int64 ``x``; products wrap mod 2^64 and are masked back."""
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+    """lowbias32 of int32 words."""
+    x = x ^ _shr(x, 16)
+    x = x * _M1
+    x = x ^ _shr(x, 15)
+    x = x * _M2
+    return x ^ _shr(x, 16)
 
 
-def _hash(seeds: Tensor, step: int, token_ids: Tensor, stream: int) -> Tensor:
-    """32-bit hash [b, n] of (seeds [b], step, token ids [n], stream)."""
-    s = _mix32(_mix32(seeds >> 32) ^ seeds)
-    s = _mix32(s ^ (stream * 0x9E3779B9 + step))
-    return _mix32(s[:, None] ^ _mix32(token_ids)[None, :])
+def _int32(values: Tensor) -> Tensor:
+    """The low 32 bits of int64 ``values`` as int32 words."""
+    low = values & 0xFFFFFFFF
+    return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
 
 
-def uniform(seeds: Tensor, step: int, token_ids: Tensor) -> Tensor:
-    """Uniform (0, 1) float64 [b, n] with 53 random bits, never exactly 0 or 1."""
-    hi = _hash(seeds, step, token_ids, 1) >> 6  # 26 bits
-    lo = _hash(seeds, step, token_ids, 2) >> 5  # 27 bits
-    return ((hi * (1 << 27) + lo).double() + 0.5) / float(1 << 53)
+def _row_keys(seeds: Tensor, step: int) -> Tensor:
+    """One int32 key [b] per (sample seed, step)."""
+    seeds = seeds.to(torch.int64)
+    key = _mix32(_int32(seeds >> 32)) ^ _int32(seeds)
+    return _mix32(_mix32(key) ^ _int32(torch.tensor(step * _GOLDEN + 1)))
 
 
 def gumbel(seeds: Tensor, step: int, token_ids: Tensor) -> Tensor:
-    """Standard Gumbel noise [b, n]: argmax(log p + noise) is a sample from p (the Gumbel-max trick)."""
-    return -torch.log(-torch.log(uniform(seeds, step, token_ids)))
+    """Standard Gumbel noise [b, n] (float32) for ``seeds`` [b] at ``step`` and ``token_ids`` [n].
+
+    argmax(log p + noise) is then a draw from p (the Gumbel-max trick). From a 32-bit hash h,
+    w = (h + 1/2) / 2^32 and noise = -log(-log1p(-w)): float32 keeps w's relative precision near 0,
+    so the upper tail, which decides the argmax, reaches w = 2^-33 (noise up to 22.9).
+    """
+    h = _mix32(_row_keys(seeds, step)[:, None] ^ _mix32(token_ids.to(torch.int32))[None, :]).float()
+    w = (torch.where(h < 0, h + 4294967296.0, h) + 0.5).mul_(1.0 / 4294967296.0)
+    return w.neg_().log1p_().neg_().log_().neg_()
 
 
 def sample_seeds(seed: int, sample_ids: Tensor) -> Tensor:
-    """Per-sample seeds from a run seed and global sample ids (e.g. the prompt's index in the dataset)."""
+    """Per-sample int64 seeds from a run seed and global sample ids (e.g. the prompt's index in the
+    dataset): sample i gets the same seed whichever rank, batch or layout draws it."""
     ids = sample_ids.to(torch.int64)
-    return _mix32(_mix32(torch.full_like(ids, seed)) ^ ids) | (_mix32(ids ^ (seed * 0x9E3779B9)) << 32)
+    hi = _mix32(_int32(ids) ^ _mix32(_int32(torch.tensor(seed))) ^ _int32(ids >> 32)).to(torch.int64)
+    lo = _mix32(_int32(ids) * _GOLDEN ^ _int32(torch.tensor(seed >> 32))).to(torch.int64) & 0xFFFFFFFF
+    return (hi << 32) | lo

@@ -90,4 +90,4 @@ def draw(log_probs: Tensor, seeds: Tensor, step: int, greedy: bool) -> Tensor:
         return vp.argmax(log_probs)
     start = vp.vocab_start(log_probs.shape[-1])
     ids = torch.arange(start, start + log_probs.shape[-1])
-    return vp.argmax(log_probs.double() + gumbel(seeds, step, ids))
+    return vp.argmax(gumbel(seeds, step, ids).add_(log_probs))
