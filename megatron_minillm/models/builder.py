@@ -19,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_minillm.models.attention import SDPADotProductAttention
 from megatron_minillm.models.hf_config import Architecture
 from megatron_minillm.models.vocab import padded_vocab_size
 from megatron_minillm.parallel import LayoutError
@@ -104,7 +105,9 @@ def transformer_config(arch: Architecture, dtype: str = "fp32", **overrides: Any
 def layer_spec(arch: Architecture) -> ModuleSpec:
     if use_transformer_engine():
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=arch.normalization)
+    spec = get_gpt_layer_local_spec(normalization=arch.normalization)
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
 
 
 def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
