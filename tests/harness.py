@@ -7,17 +7,34 @@ should group several checks into one ``run_distributed`` call.
 import os
 import queue
 import socket
+import subprocess
+import sys
 import tempfile
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_tool(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    """A tool from the repo root in one plain process (nproc 0: the exit status is the tool's own)
+    or under torchrun with ``nproc`` ranks; either way on a free port, never the shared default."""
+    port = str(free_port())
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}"]
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port})  # fmt: skip
 
 
 def _worker(fn: Callable, rank: int, env: dict[str, str], results: Any, args: tuple, kwargs: dict) -> None:

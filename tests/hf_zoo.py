@@ -1,5 +1,7 @@
 """Tiny random-init Hugging Face models, the oracle for model parity and conversion tests."""
 
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -50,3 +52,21 @@ def hf_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
             if "norm" in n or "ln_" in n or n.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model.float().eval()
+
+
+def llama_with_tokenizer(out: Path, seed: int, tokenizer_dir: Path, layers: int = 4, context: int = 64,
+                         sharpen: float = 6.0) -> Path:  # fmt: skip
+    """An HF directory: a tiny LLaMA with the tokenizer's vocabulary, its output layer scaled by
+    ``sharpen`` (peaked next-token distributions), and the tokenizer."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                      max_position_embeddings=context, eos_token_id=tokenizer.eos_token_id,
+                                      tie_word_embeddings=False)  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -3,44 +3,16 @@ TP=2 x PP=2, greedy tokens equal transformers' generate, teacher-mixed output eq
 the CLI's clear errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from harness import free_port
-from tokenizer_zoo import hf_tokenizer_dir
+from harness import run_tool
+from hf_zoo import llama_with_tokenizer
+from tokenizer_zoo import copy_with_extra_token, hf_tokenizer_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["The river flows", "Write a short poem about the sea.", "Once upon a time, in a small village,"]
-
-
-def _model_dir(root: Path, seed: int, tokenizer_dir: Path) -> Path:
-    """A tiny LLaMA with the tokenizer's vocabulary and sharp next-token distributions, as HF dir."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64,
-                                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)  # fmt: skip
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)
-    out = root / f"hf{seed}"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def _run(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
-    """One plain process (nproc 0: the exit status is the tool's own) or torchrun with nproc ranks."""
-    launcher = [sys.executable]
-    if nproc:
-        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
-    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +20,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gen")
     out = {}
     for name, seed in (("student", 0), ("teacher", 1)):
-        hf_dir = _model_dir(root, seed, hf_tokenizer_dir())
-        done = _run("tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / name))
+        hf_dir = llama_with_tokenizer(root / f"hf{seed}", seed, hf_tokenizer_dir())
+        done = run_tool("tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / name))
         assert done.returncode == 0, done.stderr[-3000:]
         out[name], out[f"{name}_hf"] = root / name, hf_dir
     prompts = root / "prompts.jsonl"
@@ -66,7 +38,7 @@ def _read(path: Path) -> list[dict]:
 
 def test_greedy_equals_transformers_and_mixed_is_layout_invariant(checkpoints, tmp_path):
     c = checkpoints
-    greedy = _run("tools/generate.py", "--load", str(c["student"]), "--tp", "2", "--pp", "2", "--prompts",
+    greedy = run_tool("tools/generate.py", "--load", str(c["student"]), "--tp", "2", "--pp", "2", "--prompts",
                   str(c["prompts"]), "--max-new-tokens", "12", "--greedy", "--batch-size", "3",
                   "--output", str(tmp_path / "greedy.jsonl"), nproc=4)  # fmt: skip
     assert greedy.returncode == 0, greedy.stderr[-3000:]
@@ -86,7 +58,7 @@ def test_greedy_equals_transformers_and_mixed_is_layout_invariant(checkpoints, t
     outputs = {}
     for nproc, tp, pp in ((4, 2, 2), (1, 1, 1)):
         out = tmp_path / f"mixed{tp}{pp}.jsonl"
-        done = _run("tools/generate.py", "--load", str(c["student"]), "--teacher", str(c["teacher"]),
+        done = run_tool("tools/generate.py", "--load", str(c["student"]), "--teacher", str(c["teacher"]),
                     "--mix-alpha", "0.5", "--tp", str(tp), "--pp", str(pp), "--prompts", str(c["prompts"]),
                     "--max-new-tokens", "10", "--top-k", "20", "--seed", "3", "--output", str(out),
                     nproc=nproc)  # fmt: skip
@@ -103,19 +75,15 @@ def test_cli_errors_are_clear(checkpoints, tmp_path):
     c = checkpoints
     common = ["tools/generate.py", "--load", str(c["student"]), "--prompts", str(c["prompts"]),
               "--output", str(tmp_path / "x.jsonl")]  # fmt: skip
-    bad_alpha = _run(*common, "--max-new-tokens", "4", "--teacher", str(c["teacher"]), "--mix-alpha", "1.5")
+    bad_alpha = run_tool(*common, "--max-new-tokens", "4", "--teacher", str(c["teacher"]), "--mix-alpha", "1.5")
     assert bad_alpha.returncode == 2 and "mix_alpha must be in [0, 1], got 1.5" in bad_alpha.stderr
-    bad_p = _run(*common, "--max-new-tokens", "4", "--top-p", "0")
+    bad_p = run_tool(*common, "--max-new-tokens", "4", "--top-p", "0")
     assert bad_p.returncode == 2 and "top_p must be in (0, 1], got 0.0" in bad_p.stderr
-    too_long = _run(*common, "--max-new-tokens", "60")
+    too_long = run_tool(*common, "--max-new-tokens", "60")
     assert too_long.returncode == 2 and "> the student's context of 64 positions" in too_long.stderr
 
     # A teacher whose tokenizer has one more token: the first mismatch is named.
-    other = tmp_path / "teacher_other_tok"
-    subprocess.run(["cp", "-r", str(c["teacher"]), str(other)], check=True)
-    tok = transformers.AutoTokenizer.from_pretrained(c["teacher"])
-    tok.add_tokens(["<|extra|>"])
-    tok.save_pretrained(other)
-    mismatch = _run(*common, "--max-new-tokens", "4", "--teacher", str(other), "--mix-alpha", "0.2")
+    other = copy_with_extra_token(c["teacher"], tmp_path / "teacher_other_tok")
+    mismatch = run_tool(*common, "--max-new-tokens", "4", "--teacher", str(other), "--mix-alpha", "0.2")
     assert mismatch.returncode == 2, mismatch.stderr[-2000:]
     assert "vocabulary sizes differ" in mismatch.stderr and "'<|extra|>'" in mismatch.stderr

@@ -5,6 +5,7 @@ Built once per test session under the session's temp dir; tests must not modify 
 
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,3 +58,14 @@ def sentencepiece_model(vocab_size: int = 400) -> Path:
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
     )  # fmt: skip
     return out / "spm.model"
+
+
+def copy_with_extra_token(src: Path, out: Path, token: str = "<|extra|>") -> Path:
+    """A copy of an HF or checkpoint directory whose tokenizer has one more token: a mismatch to refuse."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, out)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.add_tokens([token])
+    tokenizer.save_pretrained(out)
+    return out

@@ -29,7 +29,7 @@ from megatron_minillm.data.prompts import load_prompts
 from megatron_minillm.data.templates import TEMPLATES
 from megatron_minillm.data.tokenizer import check_tokenizers_compatible, load_tokenizer
 from megatron_minillm.models import UnsupportedModelError
-from megatron_minillm.parallel import LayoutError, destroy_distributed, init_distributed
+from megatron_minillm.parallel import LayoutError, cli_exit_status, init_distributed
 from megatron_minillm.sampling import GenerationError, SamplingParams, generate_all
 
 
@@ -99,15 +99,9 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     args = parse_args()
-    try:
-        run(args)
-    except (GenerationError, LayoutError, NotACheckpointError, UnsupportedModelError, TokenizerError,
-            TokenizerMismatchError, DataFormatError, TemplateError, FileNotFoundError, ValueError) as err:  # fmt: skip
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+    return cli_exit_status(lambda: run(args), (GenerationError, LayoutError, NotACheckpointError,
+                           UnsupportedModelError, TokenizerError, TokenizerMismatchError, DataFormatError,
+                           TemplateError, FileNotFoundError, ValueError))  # fmt: skip
 
 
 if __name__ == "__main__":

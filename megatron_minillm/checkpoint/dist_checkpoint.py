@@ -105,17 +105,25 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> None:
     """Save ``model`` (collective: every rank calls it) with the HF config and tokenizer of ``hf_dir``."""
-    hf_dir = Path(hf_dir)
     with atomic_directory(Path(out_dir), overwrite) as tmp:
-        if _is_rank0():
-            (tmp / MODEL_DIR).mkdir()
-        torch.distributed.barrier()
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
-        torch.distributed.barrier()
-        if _is_rank0():
-            shutil.copy2(hf_dir / "config.json", tmp / "config.json")
-            copy_side_files(hf_dir, tmp)
-            (tmp / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2) + "\n")
+        write_checkpoint_files(model, tmp, metadata, hf_dir)
+
+
+def write_checkpoint_files(
+    model: torch.nn.Module, directory: Path, metadata: CheckpointMetadata, hf_dir: str | Path
+) -> None:
+    """Write a checkpoint's files into an existing, empty ``directory`` (collective; not atomic by
+    itself: callers wrap it in :func:`atomic_directory`, and a training checkpoint adds its own files)."""
+    hf_dir = Path(hf_dir)
+    if _is_rank0():
+        (directory / MODEL_DIR).mkdir()
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(directory / MODEL_DIR))
+    torch.distributed.barrier()
+    if _is_rank0():
+        shutil.copy2(hf_dir / "config.json", directory / "config.json")
+        copy_side_files(hf_dir, directory)
+        (directory / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2) + "\n")
 
 
 def load_model(ckpt_dir: str | Path, dtype: Optional[str] = None) -> tuple[torch.nn.Module, Architecture, CheckpointMetadata]:

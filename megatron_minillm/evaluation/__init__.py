@@ -1,6 +1,7 @@
 """Evaluation metrics (Rouge-L, calibration, exposure bias, lengths) and result reports.
 
-Generation itself (tools/evaluate.py, with the sampler) feeds these; see docs/evaluation.md.
+The evaluator that generates and scores at any layout is :mod:`.evaluate` (not imported here: it
+pulls in megatron-core; the metrics and reports need none of it). See docs/evaluation.md.
 """
 
 from megatron_minillm.evaluation.metrics import (

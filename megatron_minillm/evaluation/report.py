@@ -1,15 +1,17 @@
 """Evaluation results -> JSON, a markdown comparison table and PNG plots (matplotlib, Agg backend).
 
-One :class:`ModelResults` per model: each metric's values over seeds, and optionally its
-ExAccErr curve. Files written by :func:`write_report` into one directory:
+One :class:`ModelResults` per model: each metric's values over seeds, optionally its ExAccErr
+curve and free-form details (JSON only). Files written by :func:`write_report` into one directory:
 
-- ``results.json``: every value, with mean and std (sample std, ddof=1) per metric;
+- ``results.json``: every value, with mean and std (sample std, ddof=1) per metric, the details,
+  and the run's ``info`` (settings, data counts); strict JSON: undefined values are null;
 - ``results.md``: rows = models, columns = metrics, "mean ± std" over seeds;
 - ``exacc_err.png``: ExAccErr vs generation length, one line per model (when any model has one);
 - ``metric_<name>.png``: a bar chart of that metric per model, std as error bars.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,26 +31,34 @@ class ModelResults:
     name: str
     metrics: dict[str, list[float]] = field(default_factory=dict)  # metric -> one value per seed
     exposure_bias: Optional[ExposureBias] = None
+    details: dict = field(default_factory=dict)  # JSON-serialisable extras (e.g. full length statistics)
 
 
 def _metric_names(results: Sequence[ModelResults]) -> list[str]:
     return list(dict.fromkeys(name for r in results for name in r.metrics))
 
 
-def to_json(results: Sequence[ModelResults]) -> dict:
+def _finite(values: Sequence[float]) -> list[Optional[float]]:
+    """NaN/inf -> None: JSON has no NaN (ExAccErr is undefined where l eps(l) = 0)."""
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def to_json(results: Sequence[ModelResults], info: Optional[dict] = None) -> dict:
     models = []
     for r in results:
         entry: dict = {"name": r.name, "metrics": {}}
         for name, values in r.metrics.items():
-            mean, std = mean_std(values)
-            entry["metrics"][name] = {"values": [float(v) for v in values], "mean": mean, "std": std}
+            mean, std = _finite(mean_std(values))
+            entry["metrics"][name] = {"values": _finite(values), "mean": mean, "std": std}
         if r.exposure_bias is not None:
             eb = r.exposure_bias
-            entry["exposure_bias"] = {"lengths": eb.lengths.tolist(), "exacc_err": eb.exacc_err.tolist(),
-                                      "regret": eb.regret.tolist(),
-                                      "teacher_forced": eb.teacher_forced.tolist()}  # fmt: skip
+            entry["exposure_bias"] = {"lengths": eb.lengths.tolist(), "exacc_err": _finite(eb.exacc_err),
+                                      "regret": _finite(eb.regret),
+                                      "teacher_forced": _finite(eb.teacher_forced)}  # fmt: skip
+        if r.details:
+            entry["details"] = r.details
         models.append(entry)
-    return {"models": models}
+    return {"info": info, "models": models} if info is not None else {"models": models}
 
 
 def markdown_table(results: Sequence[ModelResults], digits: int = 2) -> str:
@@ -91,12 +101,12 @@ def plot_metric(results: Sequence[ModelResults], metric: str, path: Union[str, P
     plt.close(fig)
 
 
-def write_report(results: Sequence[ModelResults], out_dir: Union[str, Path]) -> list[Path]:
+def write_report(results: Sequence[ModelResults], out_dir: Union[str, Path], info: Optional[dict] = None) -> list[Path]:
     """Write every file of the module docstring into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "results.md"]
-    written[0].write_text(json.dumps(to_json(results), indent=2) + "\n", encoding="utf-8")
+    written[0].write_text(json.dumps(to_json(results, info), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     written[1].write_text(markdown_table(results), encoding="utf-8")
     if any(r.exposure_bias is not None for r in results):
         written.append(out / "exacc_err.png")

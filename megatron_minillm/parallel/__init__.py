@@ -3,10 +3,11 @@
 from megatron_minillm.parallel.initialize import (
     LayoutError,
     ParallelLayout,
+    cli_exit_status,
     destroy_distributed,
     init_distributed,
     set_random_seed,
 )
 
-__all__ = ["LayoutError",
-    "set_random_seed", "ParallelLayout", "destroy_distributed", "init_distributed"]
+__all__ = ["LayoutError", "ParallelLayout", "cli_exit_status", "destroy_distributed", "init_distributed",
+           "set_random_seed"]

@@ -11,8 +11,9 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Mapping, MutableMapping
+from typing import Callable, Mapping, MutableMapping
 
 import numpy as np
 import torch
@@ -140,3 +141,16 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def cli_exit_status(body: Callable[[], None], input_errors: tuple[type[Exception], ...]) -> int:
+    """Run a command-line tool's ``body``: status 0, or 2 with one line ``error: ...`` on stderr
+    for an error of its input; the process groups are torn down either way."""
+    try:
+        body()
+    except input_errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    return 0

@@ -41,6 +41,8 @@ def setup_model_and_optimizer(
     model.config.finalize_model_grads_func = finalize_model_grads
     if ddp_config.overlap_grad_reduce:
         model.config.grad_sync_func = ddp_model.start_grad_sync
+    # min_lr=None reaches the parameter groups and breaks cosine/linear decay (None arithmetic).
+    optimizer_config = replace(optimizer_config, min_lr=optimizer_config.min_lr or 0.0)
     optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -1,9 +1,11 @@
 """Run micro-batches through megatron's pipeline schedule (1F1B for PP > 1, plain loop otherwise)."""
 
+import math
 from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -41,17 +43,35 @@ def forward_backward(
     )
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A loss that is NaN or infinite: training stops before the optimizer applies it."""
+
+
+def check_finite(metrics: list[dict[str, torch.Tensor]], where: str) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank if any rank saw a non-finite metric
+    (metrics live on the last pipeline stage; the flag is all-reduced so no rank is left waiting)."""
+    bad = sorted({name for m in metrics for name, v in m.items() if not math.isfinite(float(v))})
+    flag = torch.tensor([1.0 if bad else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        names = ", ".join(bad) if bad else "a loss term on another rank"
+        raise NonFiniteLossError(f"{where}: non-finite {names}; stopping before the optimizer step "
+                                 "(lower the learning rate, check the data, or resume from the last checkpoint)")
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
     micro_batches: Sequence[Batch],
     loss_func: LossFunc,
+    where: str = "train step",
 ) -> tuple[list[dict[str, torch.Tensor]], float]:
     """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics, grad norm."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = forward_backward(model, micro_batches, loss_func)
+    check_finite(metrics, where)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
