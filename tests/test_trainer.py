@@ -27,7 +27,10 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     for name, layers, seed in (("teacher", 4, 1), ("student", 2, 0)):
         hf_dir = llama_with_tokenizer(root / f"{name}_hf", seed, hf_tokenizer_dir(), layers=layers, context=128,
                                       sharpen=4.0)  # fmt: skip
-        done = run_tool("tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / name))
+        # The teacher is converted by 2 processes at TP=2 (the converter's TP path), the student by one.
+        tp = ["--tp", "2"] if name == "teacher" else []
+        done = run_tool("tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / name),
+                        *tp, nproc=2 if tp else 0)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         out[name] = root / name
     short = [line for line in (DATA / "t0_train_600.jsonl").read_text().splitlines()

@@ -16,6 +16,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -110,6 +116,22 @@ def layer_spec(arch: Architecture) -> ModuleSpec:
     return spec
 
 
+def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """megatron sets a weight's TP attributes (``tensor_model_parallel``, ``partition_dim``) only while
+    initialising it on CPU; a model built to be loaded (``perform_initialization=False``) needs them
+    too: weight sharding and the grad-norm's duplicate filter read them."""
+    for module in model.modules():
+        if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
 def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     """RoPE frequency scaling with the config's own factors (megatron hard-codes llama3's 1, 4, 8192)."""
     factor = float(scaling["factor"])
@@ -171,6 +193,7 @@ def build_model(
         model.embedding.register_forward_pre_hook(
             partial(_shift_positions, arch.position_offset), with_kwargs=True
         )
+    _mark_tensor_parallel_weights(model)
     if config.params_dtype != torch.float32:
         # What megatron's Float16Module does to its module: norms too, so every matmul sees one
         # dtype (RoPE's inv_freq is a plain attribute and stays fp32). Losses upcast the logits.
