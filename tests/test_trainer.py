@@ -27,10 +27,9 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     for name, layers, seed in (("teacher", 4, 1), ("student", 2, 0)):
         hf_dir = llama_with_tokenizer(root / f"{name}_hf", seed, hf_tokenizer_dir(), layers=layers, context=128,
                                       sharpen=4.0)  # fmt: skip
-        # The teacher is converted by 2 processes at TP=2 (the converter's TP path), the student by one.
-        tp = ["--tp", "2"] if name == "teacher" else []
+        # Converted by 2 processes at TP=2 (the converter's TP path; the vocabulary is padded for TP=2).
         done = run_tool("tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / name),
-                        *tp, nproc=2 if tp else 0)  # fmt: skip
+                        "--tp", "2", nproc=2)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         out[name] = root / name
     short = [line for line in (DATA / "t0_train_600.jsonl").read_text().splitlines()
@@ -42,7 +41,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
                  ["pretrain", "--input", str(root / "pt.jsonl"), "--output-prefix", str(root / "pt")]):  # fmt: skip
         done = run_tool("tools/preprocess_data.py", *args, "--tokenizer", str(out["student"]))
         assert done.returncode == 0, done.stderr[-2000:]
-    out.update(data=root / "inst_train", pt=root / "pt_train")
+    out.update(data=root / "inst_train", pt=root / "pt_train", valid=root / "inst_valid.jsonl")
     return out
 
 
@@ -119,3 +118,22 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
     assert len(rows_again) == 3 and rows_again == rows_straight[3:]
     a, b = _model_tensors(tmp_path / "straight" / "iter_0000006"), _model_tensors(resumed / "iter_0000006")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(setup, tmp_path):
+    runs = {"minillm": ["algorithm=minillm", "train_iters=30", "rollout_batch_size=8", "global_batch_size=8",
+                        "ppo_epochs=1"],
+            "sft": ["algorithm=sft", "train_iters=40", "global_batch_size=8"]}  # fmt: skip
+    for name, overrides in runs.items():
+        done = run_tool(*_train_args(setup, *overrides, f"save={tmp_path / name}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "eval"
+    done = run_tool("tools/evaluate.py", "--teacher", str(setup["teacher"]), "--load", str(setup["student"]),
+                    "--load", str(tmp_path / "minillm" / "iter_0000030"), "--load", str(tmp_path / "sft" / "iter_0000040"),
+                    "--name", "initial", "--name", "minillm", "--name", "sft", "--data", str(setup["valid"]),
+                    "--format", "alpaca", "--template", "none", "--seeds", "1", "2", "--max-new-tokens", "16",
+                    "--output-dir", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {m["name"]: m["metrics"] for m in json.loads((out / "results.json").read_text())["models"]}
+    rkl = {name: rows[name]["rkl@student"]["mean"] for name in ("initial", "minillm", "sft")}
+    assert rkl["minillm"] < 0.8 * rkl["initial"] and rkl["minillm"] < rkl["sft"], rkl
