@@ -1,5 +1,6 @@
 """Megatron DDP + optimizer on CPU/gloo: a few steps equal an unsharded HF + torch.optim.AdamW run."""
 
+import pytest
 import torch
 from harness import run_distributed
 from hf_zoo import hf_model
@@ -81,8 +82,25 @@ def _train(family: str) -> list[list[float]]:
             msg=lambda m: f"TP{tp} PP{pp} distopt={dist_opt} {dtype}: {losses} vs {expected}: {m}",
         )  # fmt: skip
         results.append(losses)
+        if (tp, pp) == (2, 2):
+            _nan_loss_stops_before_the_step(ddp, optimizer, scheduler, per_step[0], arch.vocab_size)
         parallel_state.destroy_model_parallel()
     return results
+
+
+def _nan_loss_stops_before_the_step(ddp, optimizer, scheduler, batches, vocab_size: int) -> None:
+    """A NaN loss (on the last stage only) stops every rank before the optimizer changes anything."""
+    from megatron_minillm.training import NonFiniteLossError, train_step
+
+    before = [p.detach().clone() for p in ddp.module.parameters()]
+
+    def nan_loss(batch, logits):
+        loss, _ = lm_loss_func(vocab_size)(batch, logits)
+        return loss * float("nan"), {"lm loss": loss.detach() * float("nan")}
+
+    with pytest.raises(NonFiniteLossError, match="iteration 7: non-finite .*stopping before the optimizer step"):
+        train_step(ddp, optimizer, scheduler, batches, nan_loss, where="iteration 7")
+    assert all(torch.equal(a, b) for a, b in zip(before, ddp.module.parameters()))
 
 
 def test_optimizer_steps_match_unsharded_adamw():

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
+from tqdm import tqdm
 
 from megatron_minillm.algorithms import minillm
 from megatron_minillm.checkpoint.dist_checkpoint import load_model
@@ -234,7 +235,9 @@ class Trainer:
                                 top_k=cfg.top_k, top_p=cfg.top_p, mix_alpha=cfg.mix_alpha,
                                 stop_ids=(self.tokenizer.eos_id,))  # fmt: skip
         rollouts = []
-        for start in range(0, len(prompts), cfg.rollout_micro_batch_size):
+        chunks = range(0, len(prompts), cfg.rollout_micro_batch_size)
+        for start in tqdm(chunks, desc=f"rollouts of iteration {iteration + 1}", leave=False,
+                          disable=dist.get_rank() != 0 or len(chunks) < 2):  # fmt: skip
             chunk = slice(start, start + cfg.rollout_micro_batch_size)
             seeds = sample_seeds(cfg.seed + 7919 * (iteration + 1), torch.tensor(ids[chunk]))
             rollouts.append(generate(self.model, prompts[chunk], params, seeds, vocab_size=self.arch.vocab_size,
