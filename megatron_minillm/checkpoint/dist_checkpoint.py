@@ -49,7 +49,12 @@ class CheckpointMetadata:
 
 
 def _is_rank0() -> bool:
-    return torch.distributed.get_rank() == 0
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def read_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
@@ -80,21 +85,22 @@ def refuse_existing(out_dir: Path, overwrite: bool) -> None:
 
 @contextmanager
 def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Collective: every rank writes into the yielded ``<out_dir>.partial``; when the block ends
-    on every rank, rank 0 renames it to ``out_dir``, so a failed write never looks complete."""
+    """Collective (or one process without a process group): every rank writes into the yielded
+    ``<out_dir>.partial``; when the block ends on every rank, rank 0 renames it to ``out_dir``, so a
+    failed write never looks complete."""
     refuse_existing(out_dir, overwrite)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    torch.distributed.barrier()
+    _barrier()
     yield tmp
-    torch.distributed.barrier()
+    _barrier()
     if _is_rank0():
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
-    torch.distributed.barrier()
+    _barrier()
 
 
 def save_checkpoint(
