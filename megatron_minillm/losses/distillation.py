@@ -23,7 +23,7 @@ from megatron_minillm.losses.divergences import (
     skew_reverse_kl_terms,
     total_variation_terms,
 )
-from megatron_minillm.losses.reductions import Reduction, check_reduction, reduce_tokens
+from megatron_minillm.losses.reductions import Reduction, check_reduction
 from megatron_minillm.losses.vocab_parallel import KernelOptions, vocab_parallel_loss
 
 _DEFAULT = KernelOptions()
@@ -39,9 +39,8 @@ def token_log_probs(
     if tuple(ids.shape) != tuple(logits.shape[:2]) or ids.is_floating_point():
         raise ValueError(f"ids must be integer [b, s] = {tuple(logits.shape[:2])} of the logits "
                          f"{tuple(logits.shape)}, got {ids.dtype} {tuple(ids.shape)}")  # fmt: skip
-    per_token, mask = vocab_parallel_loss(logits, ids, loss_mask, terms=None, temperature=temperature,
-                                          vocab_size=vocab_size, options=options)  # fmt: skip
-    return reduce_tokens(per_token, mask, reduction)
+    return vocab_parallel_loss(logits, ids, loss_mask, terms=None, temperature=temperature, vocab_size=vocab_size,
+                               reduction=reduction, options=options)  # fmt: skip
 
 
 def entropy(
@@ -50,9 +49,9 @@ def entropy(
 ) -> Tensor:  # fmt: skip
     """H(q) = -sum_v q_v log q_v per token (``divergences.entropy_terms``)."""
     check_reduction(reduction)
-    per_token, mask = vocab_parallel_loss(logits, logits, loss_mask, terms=entropy_terms, temperature=temperature,
-                                          vocab_size=vocab_size, needs_teacher=False, options=options)  # fmt: skip
-    return reduce_tokens(per_token, mask, reduction)
+    return vocab_parallel_loss(logits, logits, loss_mask, terms=entropy_terms, temperature=temperature,
+                               vocab_size=vocab_size, reduction=reduction, needs_teacher=False,
+                               options=options)  # fmt: skip
 
 
 def _divergence(
@@ -66,10 +65,8 @@ def _divergence(
                          f"{tuple(teacher_logits.shape)} must have the same shape [b, s, V/TP]")  # fmt: skip
     if not teacher_logits.is_floating_point():
         raise ValueError(f"teacher logits must be floating point, got {teacher_logits.dtype}")
-    per_token, mask = vocab_parallel_loss(student_logits, teacher_logits, loss_mask, terms=terms,
-                                          temperature=temperature, vocab_size=vocab_size, coef=coef,
-                                          options=options)  # fmt: skip
-    return reduce_tokens(per_token, mask, reduction)
+    return vocab_parallel_loss(student_logits, teacher_logits, loss_mask, terms=terms, temperature=temperature,
+                               vocab_size=vocab_size, reduction=reduction, coef=coef, options=options)  # fmt: skip
 
 
 def _check_unit_interval(name: str, value: float, closed_low: bool) -> None:
@@ -152,7 +149,8 @@ def minillm_single_step_loss(
     As LMOps ``Loss._reg_loss``: the exact expectation of the one-step reward under q (no sampling,
     no importance weight w_t of Eq. 5), temperature and sampling mask on both logits (pass them
     masked alike), token mean over the micro-batch. ``length_normalize``: mean over each sequence's
-    response tokens, then over sequences (every response weighs the same, as Eq. 6 does for R_Long).
+    response tokens, then over sequences (every response weighs the same, in the spirit of Eq. 6,
+    which normalises the long-term return R_{t+1} by the remaining length).
     """
     return reverse_kl(student_logits, teacher_logits, loss_mask, temperature=temperature, vocab_size=vocab_size,
                       reduction="sequence_mean" if length_normalize else "token_mean", options=options)  # fmt: skip

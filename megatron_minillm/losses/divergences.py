@@ -18,9 +18,10 @@ entries never produce NaN, in eager or compiled code alike (a clamp vectorizes, 
 A divergence that is truly infinite (reverse KL with q_v > 0 where p_v = 0) comes out huge (~1e38)
 or inf: mask both logits alike, as MiniLLM does. NaN logits still give NaN.
 
-References: MiniLLM = arXiv 2306.08543 (equation numbers of v4 / ICLR 2024), LMOps =
-microsoft/LMOps ``minillm/``, DistiLLM = arXiv 2402.03898 and jongwooko/distillm
-``distillm/losses.py``, GKD = arXiv 2306.13649.
+References: MiniLLM = arXiv 2306.08543, Sec. 2 (Eq. 1: the sequence-level KL[q || p]; Eq. 3: its
+gradient split into (grad L)_Single + (grad L)_Long; Eq. 5: importance weights w_t; Eq. 6: length
+normalisation), LMOps = microsoft/LMOps ``minillm/``, DistiLLM = arXiv 2402.03898 and
+jongwooko/distillm ``distillm/losses.py``, GKD = arXiv 2306.13649.
 """
 
 from typing import Callable, Optional
@@ -55,7 +56,8 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def reverse_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], coef: float) -> tuple[Tensor, Tensor]:
-    """KL(q || p) = sum_v q_v (log q_v - log p_v): MiniLLM Eq. 1 at one position.
+    """KL(q || p) = sum_v q_v (log q_v - log p_v) at one position: -E_{y_t ~ q}[r_t] of MiniLLM Eq. 3,
+    a chain-rule term of the sequence-level KL of Eq. 1.
 
     Per position this is LMOps ``Loss._reg_loss`` (``xent - s_ent``, the single-step term) and
     DistiLLM ``reverse_kl``. dKL/dz_v = q_v (log q_v - log p_v - KL) / T.

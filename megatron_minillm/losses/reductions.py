@@ -11,11 +11,22 @@ from torch import Tensor
 
 Reduction = Literal["none", "sum", "per_sequence_sum", "per_sequence_mean", "token_mean", "sequence_mean"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+SCALAR_REDUCTIONS = ("sum", "token_mean", "sequence_mean")  # a weighted sum of the per-token losses
 
 
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def token_weights(mask: Tensor, reduction: Reduction) -> Tensor:
+    """Weights [b, s] of a scalar reduction (``SCALAR_REDUCTIONS``): the loss is sum(per_token * weights)."""
+    if reduction == "sum":
+        return mask
+    if reduction == "token_mean":
+        return mask / mask.sum().clamp(min=1.0)
+    lengths = mask.sum(dim=-1, keepdim=True)  # sequence_mean
+    return mask / lengths.clamp(min=1.0) / (lengths > 0).sum().clamp(min=1).to(mask.dtype)
 
 
 def reduce_tokens(per_token: Tensor, mask: Tensor, reduction: Reduction) -> Tensor:
@@ -31,15 +42,7 @@ def reduce_tokens(per_token: Tensor, mask: Tensor, reduction: Reduction) -> Tens
     check_reduction(reduction)
     if reduction == "none":
         return per_token
-    if reduction == "sum":
-        return per_token.sum()
-    if reduction == "token_mean":
-        return per_token.sum() / mask.sum().clamp(min=1.0)
-    lengths = mask.sum(dim=-1)
+    if reduction in SCALAR_REDUCTIONS:
+        return (per_token * token_weights(mask, reduction)).sum()
     sums = per_token.sum(dim=-1)
-    if reduction == "per_sequence_sum":
-        return sums
-    means = sums / lengths.clamp(min=1.0)
-    if reduction == "per_sequence_mean":
-        return means
-    return means.sum() / (lengths > 0).sum().clamp(min=1).to(means.dtype)
+    return sums if reduction == "per_sequence_sum" else sums / mask.sum(dim=-1).clamp(min=1.0)

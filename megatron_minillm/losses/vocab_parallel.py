@@ -2,15 +2,16 @@
 
 Logits are [tokens, V/TP] per rank. Tokens go through in chunks: per chunk, each rank computes its
 slice's [C] statistics (max, sum of exp, partial sums of the divergence), and only those cross TP
-ranks (all-reduce MAX / SUM over megatron's TP group). The forward keeps per token the two
-log-normalizers and sum_v b_v ([3, tokens]); the backward recomputes each chunk from the logits and
-writes the closed-form gradient straight into the gradient tensor. So no [tokens, V/TP] fp32
-temporary lives beyond one chunk, and the teacher never gets a gradient.
+ranks (all-reduce MAX / SUM over megatron's TP group). When the student needs a gradient, the same
+chunk loop writes it (of each loss_i, or of the weighted sum that a scalar reduction is) straight
+into the gradient tensor while the chunk is in cache; the backward only scales it in place (not at
+all when the upstream gradient of a scalar loss is 1). So no [tokens, V/TP] fp32 temporary lives
+beyond one chunk, the only large allocation is the returned gradient, and the teacher never gets one.
+The reverse KL of fp32 CPU logits at TP=1 skips the chunks: ``cpu_kernels`` does it row by row.
 
 Only the tokens selected by the loss mask are computed; the others get 0 and a zero gradient.
 """
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -20,21 +21,29 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.utils import VocabUtility
 from torch import Tensor
 
-from megatron_minillm.losses.divergences import Terms
-from megatron_minillm.losses.kernels import VocabParallelKernels, compiled
+from megatron_minillm.losses import cpu_kernels
+from megatron_minillm.losses.divergences import Terms, reverse_kl_terms
+from megatron_minillm.losses.kernels import VocabParallelKernels as K
+from megatron_minillm.losses.kernels import kernel, log_normalizer
+from megatron_minillm.losses.reductions import SCALAR_REDUCTIONS, Reduction, reduce_tokens, token_weights
 
 # Elements per chunk of one logits tensor. Eager: ~2 MiB of fp32, so a chunk's temporaries stay in
-# cache. Compiled: the fused kernels have no temporaries; bigger chunks amortize the per-call cost.
+# cache. Compiled: the fused kernels have few temporaries; bigger chunks amortize the per-call cost.
 CHUNK_ELEMENTS = 1 << 19
 COMPILED_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)
 class KernelOptions:
-    """How the chunk kernels run; results do not depend on it (beyond fp rounding)."""
+    """How the kernels run; results do not depend on it (beyond fp rounding)."""
 
     chunk_tokens: Optional[int] = None  # tokens per chunk; default: (COMPILED_)CHUNK_ELEMENTS // (V/TP)
-    compiled: bool = False  # torch.compile the per-chunk kernels (one-time compile cost)
+    # torch.compile the chunk kernels: ~2x faster, at a one-time compile per process and kernel (seconds).
+    compiled: bool = False
+    # The hand-written reverse KL for fp32 CPU logits at TP=1 (cpu_kernels.py): ~10x the eager speed,
+    # built once per machine (~2 s, then cached). If building or compiling fails, the process warns
+    # once and runs the eager kernels.
+    cpu_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
@@ -60,12 +69,8 @@ class LossPlan:
     def uses_other(self) -> bool:
         return self.terms is None or self.needs_teacher
 
-
-@functools.lru_cache(maxsize=None)
-def _kernel(fn: Callable, terms: Optional[Terms], use_compile: bool) -> Callable:
-    if use_compile:
-        return compiled(fn, terms)
-    return fn if terms is None else functools.partial(fn, terms=terms)
+    def kernel(self, fn: Callable, terms: Optional[Terms] = None) -> Callable:
+        return kernel(fn, terms, self.options.compiled)
 
 
 def _tp_all_reduce(tensor: Tensor, op: dist.ReduceOp) -> None:
@@ -73,7 +78,7 @@ def _tp_all_reduce(tensor: Tensor, op: dist.ReduceOp) -> None:
         dist.all_reduce(tensor, op=op, group=parallel_state.get_tensor_model_parallel_group())
 
 
-def log_normalizer(stats: Tensor) -> Tensor:
+def global_log_normalizer(stats: Tensor) -> Tensor:
     """Full-vocabulary log-sum-exp [k, C] from per-rank (max, sum of exp) stats [k, 2, C].
 
     Sums are rescaled to the global max before the SUM (as an online softmax does); a row that is
@@ -84,7 +89,43 @@ def log_normalizer(stats: Tensor) -> Tensor:
     _tp_all_reduce(global_max, dist.ReduceOp.MAX)
     total = torch.where(local_max > float("-inf"), local_sum * torch.exp(local_max - global_max), 0.0)
     _tp_all_reduce(total, dist.ReduceOp.SUM)
-    return torch.where(total > 0, global_max + torch.log(total), 0.0)
+    return log_normalizer(global_max, total)
+
+
+def _divergence_chunk(z: Tensor, o: Optional[Tensor], out: Optional[Tensor], weight: Tensor, plan: LossPlan) -> Tensor:
+    """Any divergence or target log-probability of one chunk: values [C]; their gradients times
+    ``weight`` [C] into ``out``."""
+    T, nv = plan.temperature, plan.num_valid
+    stats_fn = plan.kernel(K.local_stats)
+    if plan.terms is None:
+        partials_fn, grad_fn = plan.kernel(K.target_partials), plan.kernel(K.target_grad)
+    else:
+        partials_fn = plan.kernel(K.divergence_partials, plan.terms)
+        grad_fn = plan.kernel(K.divergence_grad, plan.terms)
+    stats = [stats_fn(z, T, nv)] + ([stats_fn(o, T, nv)] if plan.has_teacher else [])
+    saved = torch.zeros(3, z.shape[0], dtype=stats[0].dtype, device=z.device)
+    saved[: len(stats)] = global_log_normalizer(torch.stack(stats))
+    partials = partials_fn(z, o, saved, T, nv, plan.coef)
+    _tp_all_reduce(partials, dist.ReduceOp.SUM)
+    saved[2] = partials[1]
+    if out is not None:
+        grad_fn(out, z, o, saved, weight, T, nv, plan.coef)
+    return partials[0]
+
+
+def _reverse_kl_chunk(z: Tensor, t: Tensor, out: Optional[Tensor], weight: Tensor, plan: LossPlan) -> Tensor:
+    """The reverse KL of one chunk (two exponentials per logit at TP = 1): values [C]; their gradients
+    times ``weight`` [C] into ``out``. Only [2, C] maxima and [3, C] sums cross TP ranks."""
+    T, nv = plan.temperature, plan.num_valid
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return K.reverse_kl_values(plan.kernel(K.reverse_kl_chunk)(out, z, t, weight, T, nv))
+    maxima = plan.kernel(K.reverse_kl_maxima)(z, t, T, nv)
+    _tp_all_reduce(maxima, dist.ReduceOp.MAX)
+    sums = plan.kernel(K.reverse_kl_sums)(z, t, maxima, T, nv)
+    _tp_all_reduce(sums, dist.ReduceOp.SUM)
+    if out is not None:
+        plan.kernel(K.reverse_kl_grad)(out, z, t, maxima, sums, weight, T, nv)
+    return K.reverse_kl_values(sums)
 
 
 class _Chunks:
@@ -107,81 +148,80 @@ class _Chunks:
         return x[start : start + k1 - k0] if start >= 0 else x.index_select(0, self.rows[k0:k1])
 
 
-class VocabParallelLoss:
-    """Forward and backward loops over chunks (the math lives in ``VocabParallelKernels``)."""
+def vocab_parallel_forward(
+    student: Tensor, other: Tensor, rows: Tensor, weights: Tensor, plan: LossPlan, grad: Optional[Tensor]
+) -> Tensor:
+    """The loss of each selected row [n]; with ``grad`` [tokens, V/TP], also writes weights_i * d loss_i /
+    d student_i into its selected rows (the others are left as they are)."""
+    if _use_cpu_kernel(plan, student, other):
+        sums = cpu_kernels.reverse_kl_rows(student, other, rows, weights, plan.num_valid, plan.temperature, grad)
+        if sums is not None:
+            return K.reverse_kl_values(sums)
+    elements = COMPILED_CHUNK_ELEMENTS if plan.options.compiled else CHUNK_ELEMENTS
+    chunks = _Chunks(rows, plan.options.chunk_tokens or max(1, elements // student.shape[-1]))
+    gathered = None  # the gradient rows of a chunk of non-consecutive rows
+    if grad is not None and min(chunks.starts, default=0) < 0:
+        gathered = student.new_empty(min(chunks.size, len(rows)), student.shape[-1])
+    chunk_fn = _reverse_kl_chunk if plan.terms is reverse_kl_terms else _divergence_chunk
+    values = torch.empty(len(rows), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+    for k0, k1, start in chunks:
+        z = chunks.take(student, k0, k1, start)
+        o = chunks.take(other, k0, k1, start) if plan.uses_other else None
+        if grad is None:
+            out = None
+        else:
+            out = grad[start : start + k1 - k0] if start >= 0 else gathered[: k1 - k0]
+        values[k0:k1] = chunk_fn(z, o, out, weights[k0:k1], plan)
+        if out is not None and start < 0:
+            grad.index_copy_(0, chunks.rows[k0:k1], out)
+    return values
 
-    @staticmethod
-    def kernels(plan: LossPlan) -> tuple[Callable, Callable]:
-        K, compile_ = VocabParallelKernels, plan.options.compiled
-        if plan.terms is None:
-            return _kernel(K.target_partials, None, compile_), _kernel(K.target_grad, None, compile_)
-        return (_kernel(K.divergence_partials, plan.terms, compile_),
-                _kernel(K.divergence_grad, plan.terms, compile_))  # fmt: skip
 
-    @staticmethod
-    def chunks(rows: Tensor, plan: LossPlan, vocab_shard: int) -> "_Chunks":
-        elements = COMPILED_CHUNK_ELEMENTS if plan.options.compiled else CHUNK_ELEMENTS
-        return _Chunks(rows, plan.options.chunk_tokens or max(1, elements // vocab_shard))
-
-    @staticmethod
-    def forward(student: Tensor, other: Tensor, rows: Tensor, plan: LossPlan) -> tuple[Tensor, Tensor]:
-        """Per selected row: the loss [n], and what the backward needs [3, n].
-
-        Saved rows: the student's and the teacher's log-normalizers, and sum_v b_v.
-        """
-        T, nv = plan.temperature, plan.num_valid
-        stats_fn = _kernel(VocabParallelKernels.local_stats, None, plan.options.compiled)
-        partials_fn, _ = VocabParallelLoss.kernels(plan)
-        dtype = torch.promote_types(student.dtype, torch.float32)
-        values = torch.empty(len(rows), dtype=dtype, device=student.device)
-        saved = torch.zeros(3, len(rows), dtype=dtype, device=student.device)
-        chunks = VocabParallelLoss.chunks(rows, plan, student.shape[-1])
-        for k0, k1, start in chunks:
-            z = chunks.take(student, k0, k1, start)
-            o = chunks.take(other, k0, k1, start) if plan.uses_other else None
-            stats = [stats_fn(z, T, nv)] + ([stats_fn(o, T, nv)] if plan.has_teacher else [])
-            saved[: len(stats), k0:k1] = log_normalizer(torch.stack(stats))
-            partials = partials_fn(z, o, saved[:, k0:k1], T, nv, plan.coef)
-            _tp_all_reduce(partials, dist.ReduceOp.SUM)
-            values[k0:k1], saved[2, k0:k1] = partials[0], partials[1]
-        return values, saved
-
-    @staticmethod
-    def backward(
-        student: Tensor, other: Tensor, rows: Tensor, saved: Tensor, grad_values: Tensor, plan: LossPlan
-    ) -> Tensor:
-        """dLoss/dstudent [tokens, V/TP] in the student's dtype; rows not selected get zeros."""
-        _, grad_fn = VocabParallelLoss.kernels(plan)
-        grad_values = grad_values.to(saved.dtype)
-        everything = len(rows) == student.shape[0]
-        grad = torch.empty_like(student) if everything else torch.zeros_like(student)
-        chunks = VocabParallelLoss.chunks(rows, plan, student.shape[-1])
-        buffer = None if everything else student.new_empty(min(chunks.size, len(rows)), student.shape[-1])
-        for k0, k1, start in chunks:
-            z = chunks.take(student, k0, k1, start)
-            o = chunks.take(other, k0, k1, start) if plan.uses_other else None
-            out = grad[start : start + k1 - k0] if start >= 0 else buffer[: k1 - k0]
-            grad_fn(out, z, o, saved[:, k0:k1], grad_values[k0:k1], plan.temperature, plan.num_valid, plan.coef)
-            if start < 0:
-                grad.index_copy_(0, chunks.rows[k0:k1], out)
-        return grad
+def _use_cpu_kernel(plan: LossPlan, student: Tensor, other: Tensor) -> bool:
+    """The hand-written kernel serves reverse KLs of fp32 CPU logits when one rank holds the whole
+    vocabulary (with TP > 1 the per-token statistics must cross ranks between its passes)."""
+    return (plan.terms is reverse_kl_terms and plan.options.cpu_kernel and cpu_kernels.supports(student, other)
+            and parallel_state.get_tensor_model_parallel_world_size() == 1)  # fmt: skip
 
 
 class _VocabParallelLossFunction(torch.autograd.Function):
-    """Thin autograd wrapper: the student gets the closed-form gradient, nothing else gets one."""
+    """Thin autograd wrapper. The forward computes, with the losses, the student's gradient per unit
+    upstream gradient: of sum_i weights_i loss_i when ``reduce`` (a scalar reduction, the output),
+    else of each loss_i (the output [n]). The backward scales the gradient in place: by the upstream
+    scalar, or not at all when it is 1 (``loss.backward()``); row by row otherwise. A second backward
+    of the same graph (retain_graph, gradcheck) finds the buffer used and recomputes it."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, other: Tensor, rows: Tensor, plan: LossPlan) -> Tensor:
-        values, saved = VocabParallelLoss.forward(student, other, rows, plan)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(student, other, rows, saved)
-            ctx.plan = plan
-        return values
+    def forward(
+        ctx, student: Tensor, other: Tensor, rows: Tensor, weights: Tensor, plan: LossPlan, needs_grad: bool,
+        reduce: bool,
+    ) -> Tensor:  # fmt: skip
+        grad = _gradient_buffer(student, rows) if needs_grad else None
+        if needs_grad:
+            ctx.save_for_backward(student, other, rows, weights)
+            ctx.plan, ctx.grad, ctx.reduce = plan, grad, reduce
+        values = vocab_parallel_forward(student, other, rows, weights, plan, grad)
+        return (values * weights).sum() if reduce else values
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor) -> tuple[Optional[Tensor], None, None, None]:
-        student, other, rows, saved = ctx.saved_tensors
-        return VocabParallelLoss.backward(student, other, rows, saved, grad_values, ctx.plan), None, None, None
+    def backward(ctx, grad_output: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None, None]:
+        student, other, rows, weights = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None  # dropped here, so that autograd may take it as the .grad
+        if grad is None:
+            grad = _gradient_buffer(student, rows)
+            vocab_parallel_forward(student, other, rows, weights, ctx.plan, grad)
+        if not ctx.reduce:
+            if len(rows) < grad.shape[0]:  # unselected rows: zero gradient, scale 0
+                grad_output = grad_output.new_zeros(grad.shape[0]).index_copy_(0, rows, grad_output)
+            grad.mul_(grad_output[:, None])
+        elif grad_output.item() != 1.0:
+            grad.mul_(grad_output)
+        return grad, None, None, None, None, None, None
+
+
+def _gradient_buffer(student: Tensor, rows: Tensor) -> Tensor:
+    """The student's gradient [tokens, V/TP]: zeros where no row is selected, else left for the kernels."""
+    return torch.empty_like(student) if len(rows) == student.shape[0] else torch.zeros_like(student)
 
 
 def _vocab_slice(vocab_shard: int, vocab_size: Optional[int]) -> tuple[int, int]:
@@ -200,11 +240,11 @@ def _vocab_slice(vocab_shard: int, vocab_size: Optional[int]) -> tuple[int, int]
 
 def vocab_parallel_loss(
     student_logits: Tensor, other: Tensor, loss_mask: Optional[Tensor], *, terms: Optional[Terms],
-    temperature: float, vocab_size: Optional[int], coef: float = 0.0, needs_teacher: bool = True,
-    options: KernelOptions = KernelOptions(),
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Per-token loss [b, s] (0 where masked) of vocab-parallel ``student_logits`` [b, s, V/TP], and
-    the 0/1 mask [b, s] in the loss dtype.
+    temperature: float, vocab_size: Optional[int], reduction: Reduction, coef: float = 0.0,
+    needs_teacher: bool = True, options: KernelOptions = KernelOptions(),
+) -> Tensor:  # fmt: skip
+    """The ``reduction`` of the per-token loss (0 where masked) of vocab-parallel ``student_logits``
+    [b, s, V/TP].
 
     ``other`` is the teacher's logits [b, s, V/TP] (never differentiated), or the target ids [b, s]
     when ``terms`` is None (token log-probabilities). Only [tokens] statistics cross TP ranks.
@@ -226,10 +266,17 @@ def vocab_parallel_loss(
         other = _local_targets(other, rows, start, vocab_shard, vocab_size)
     else:
         other = other.reshape(-1, vocab_shard)
+    mask = (loss_mask != 0).to(torch.promote_types(student_logits.dtype, torch.float32))
+    reduce = reduction in SCALAR_REDUCTIONS
+    weights = token_weights(mask, reduction).reshape(-1)[rows] if reduce else mask.new_ones(len(rows))
     plan = LossPlan(terms, float(temperature), num_valid, coef, needs_teacher, options)
-    values = _VocabParallelLossFunction.apply(student_logits.reshape(-1, vocab_shard), other.detach(), rows, plan)
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    values = _VocabParallelLossFunction.apply(student_logits.reshape(-1, vocab_shard), other.detach(), rows,
+                                              weights, plan, needs_grad, reduce)  # fmt: skip
+    if reduce:
+        return values
     per_token = values.new_zeros(batch * seq).index_copy(0, rows, values).view(batch, seq)
-    return per_token, (loss_mask != 0).to(values.dtype)
+    return reduce_tokens(per_token, mask, reduction)
 
 
 def _local_targets(ids: Tensor, rows: Tensor, start: int, vocab_shard: int, vocab_size: Optional[int]) -> Tensor:
