@@ -3,14 +3,20 @@
     python benchmarks/bench_losses.py [--batch 4] [--seq 512] [--vocab 32000 49152] [--repeats 3]
 
 Variants, all on the same fp32 logits [b, s, V/TP] (student with grad, teacher without), token mean:
-(a) ours: ``losses.reverse_kl``, eager and with ``KernelOptions(compiled=True)`` (compile time excluded
-    from the timing, reported apart);
+(a) ours: ``losses.reverse_kl(...).backward()`` with the default options (at TP=1 the hand-written CPU
+    kernel), the same with an upstream gradient != 1 (``(loss * 0.5).backward()``: the backward
+    scales the gradient), the torch.compile'd chunk kernels (``KernelOptions(compiled=True,
+    cpu_kernel=False)``) and the eager ones (``KernelOptions(cpu_kernel=False)``); compile and build
+    time is excluded from the timing and reported apart (first step);
 (b) naive: gather the full vocabulary, torch log_softmax + autograd (what LMOps and TRL do);
 (c) bandwidth: read both logit tensors and write one gradient into a preallocated buffer
-    (``torch.add(z, t, out=g)``), the memory-bound floor of any loss that returns a gradient.
+    (``torch.add(z, t, out=g)``), the memory-bound floor of any loss that returns a gradient;
+(d) the arithmetic floor: one exponential of every logit of one tensor, ``torch.exp(z, out=g)`` eager
+    and compiled (the reverse KL needs two per logit: exp(z - max) and exp(t - max)).
 
 Every measurement runs in a fresh process. Time: best of ``--repeats`` steps after one warm-up step,
-under two allocator settings: glibc's default (each tensor of > 32 MiB is a fresh mmap, so every
+each followed by the memory pass (c) in the same process, whose best is the row's paired bandwidth
+time (the ``*_vs_bandwidth`` ratios divide by it), under two allocator settings: glibc's default (each tensor of > 32 MiB is a fresh mmap, so every
 step pays first-touch page faults for its gradient and temporaries) and a caching setting
 (``GLIBC_TUNABLES`` with huge mmap/trim thresholds: freed memory is reused, as PyTorch's CUDA
 caching allocator does on GPU). Peak memory: the rise of the process' resident-set high-water mark
@@ -33,7 +39,9 @@ import torch
 
 CACHING = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 PRECISE = "glibc.malloc.mmap_threshold=65536"
-VARIANTS = ("ours", "ours_compiled", "naive", "bandwidth")
+OURS = {"ours": {}, "ours_scaled": {}, "ours_compiled": dict(compiled=True, cpu_kernel=False),
+        "ours_eager": dict(cpu_kernel=False)}  # fmt: skip
+VARIANTS = (*OURS, "naive", "bandwidth", "exp_eager", "exp_compiled")
 
 
 def _status_kib(field: str) -> int:
@@ -68,9 +76,14 @@ class _GatherVocab(torch.autograd.Function):
 def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor):
     import megatron_minillm.losses as L
 
-    if variant == "bandwidth":
+    if variant in ("bandwidth", "exp_eager", "exp_compiled"):
         out = torch.empty_like(student)
-        return lambda: torch.add(student, teacher, out=out)
+        if variant == "bandwidth":
+            return lambda: torch.add(student, teacher, out=out)
+        if variant == "exp_eager":
+            return lambda: torch.exp(student, out=out)
+        exp = torch.compile(lambda z, g: g.copy_(torch.exp(z)))
+        return lambda: exp(student, out)
     if variant == "naive":
         def naive() -> None:
             x = student.detach().requires_grad_()
@@ -79,11 +92,12 @@ def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor):
             (log_q.exp() * (log_q - log_p)).sum(-1).mean().backward()
         return naive
 
-    options = L.KernelOptions(compiled=variant == "ours_compiled")
+    options = L.KernelOptions(**OURS[variant])
+    upstream = 0.5 if variant == "ours_scaled" else 1.0
 
     def ours() -> None:
         x = student.detach().requires_grad_()
-        L.reverse_kl(x, teacher, options=options).backward()
+        (L.reverse_kl(x, teacher, options=options) * upstream).backward()
     return ours
 
 
@@ -106,13 +120,20 @@ def worker(config: dict) -> None:
     step()  # warm-up (and compilation)
     result = {"warmup_s": time.perf_counter() - start}
     if config["measure"] == "time":
-        times = []
+        # Each step is paired with a memory pass in this process, right after it: on a shared machine
+        # the ratio of the two minima holds up much better than times taken minutes apart.
+        reference = _step_fn("bandwidth", student, teacher) if tp == 1 else lambda: None
+        reference()
+        times, references = [], []
         for _ in range(config["repeats"]):
             torch.distributed.barrier()
             start = time.perf_counter()
             step()
-            times.append(time.perf_counter() - start)
-        result["time_s"] = min(times)
+            middle = time.perf_counter()
+            reference()
+            times.append(middle - start)
+            references.append(time.perf_counter() - middle)
+        result.update(time_s=min(times), bandwidth_s=min(references))
     else:
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -159,17 +180,20 @@ def main() -> None:
         for variant in VARIANTS:
             config = dict(base, vocab=vocab, variant=variant)
             default = measure(dict(config, measure="time"), 1, "", cache_dir)
+            caching = measure(dict(config, measure="time"), 1, CACHING, cache_dir)
             row = {
                 "time_default_s": default["time_s"],
-                "time_caching_s": measure(dict(config, measure="time"), 1, CACHING, cache_dir)["time_s"],
+                "time_caching_s": caching["time_s"],
+                "paired_bandwidth_s": caching["bandwidth_s"],
                 "peak_mib": measure(dict(config, measure="memory"), 1, PRECISE, cache_dir)["peak_mib"],
-                "first_step_s": default["warmup_s"],  # the compiled variant's first is a cold compile
+                "first_step_s": default["warmup_s"],  # the compiled variants' first is a cold compile
             }
             table[(vocab, variant)] = row
             print(f"V={vocab:6d} {variant:14s} " + "  ".join(f"{k} {v:8.3f}" for k, v in row.items()), flush=True)
     vocab = args.vocab[-1]
     for variant in ("ours", "naive"):  # per-rank memory and time at TP=2
-        config = dict(base, vocab=vocab, variant=variant)
+        # at most 3 repeats: under the caching setting naive's resident memory grows with every step here
+        config = dict(base, vocab=vocab, variant=variant, repeats=min(args.repeats, 3))
         row = {"time_caching_s": measure(dict(config, measure="time"), 2, CACHING, cache_dir)["time_s"],
                "peak_mib": measure(dict(config, measure="memory"), 2, PRECISE, cache_dir)["peak_mib"]}  # fmt: skip
         table[(vocab, variant + "_tp2")] = row
@@ -178,16 +202,22 @@ def main() -> None:
     def ratio(a: str, b: str, key: str) -> float:
         return round(table[(vocab, a)][key] / table[(vocab, b)][key], 3)
 
+    def vs_bandwidth(a: str) -> float:
+        return round(table[(vocab, a)]["time_caching_s"] / table[(vocab, a)]["paired_bandwidth_s"], 3)
+
     print(f"\nratios at {args.batch} x {args.seq} tokens, V = {vocab}, TP=1:")
     summary = {
-        "time_vs_bandwidth": ratio("ours_compiled", "bandwidth", "time_caching_s"),
-        "time_vs_naive": ratio("ours_compiled", "naive", "time_caching_s"),
-        "peak_mem_vs_naive": ratio("ours_compiled", "naive", "peak_mib"),
-        "eager_time_vs_bandwidth": ratio("ours", "bandwidth", "time_caching_s"),
-        "eager_time_vs_naive": ratio("ours", "naive", "time_caching_s"),
-        "eager_peak_mem_vs_naive": ratio("ours", "naive", "peak_mib"),
-        "default_malloc_time_vs_naive": ratio("ours_compiled", "naive", "time_default_s"),
-        "default_malloc_eager_time_vs_naive": ratio("ours", "naive", "time_default_s"),
+        "time_vs_bandwidth": vs_bandwidth("ours"),
+        "time_vs_naive": ratio("ours", "naive", "time_caching_s"),
+        "peak_mem_vs_naive": ratio("ours", "naive", "peak_mib"),
+        "scaled_upstream_time_vs_bandwidth": vs_bandwidth("ours_scaled"),
+        "compiled_time_vs_bandwidth": vs_bandwidth("ours_compiled"),
+        "eager_time_vs_bandwidth": vs_bandwidth("ours_eager"),
+        "eager_time_vs_naive": ratio("ours_eager", "naive", "time_caching_s"),
+        "eager_peak_mem_vs_naive": ratio("ours_eager", "naive", "peak_mib"),
+        "default_malloc_time_vs_naive": ratio("ours", "naive", "time_default_s"),
+        "exp_eager_vs_bandwidth": vs_bandwidth("exp_eager"),
+        "exp_compiled_vs_bandwidth": vs_bandwidth("exp_compiled"),
         "tp2_per_rank_peak_mem_vs_tp1": ratio("ours_tp2", "ours", "peak_mib"),
     }
     for key, value in summary.items():
