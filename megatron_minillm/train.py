@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter of every bucket
 
     def body() -> None:
         cfg = load_config(args.config, args.overrides)
