@@ -5,6 +5,7 @@ same code path runs on a GPU cluster and on a CPU-only machine.
 """
 
 import os
+import warnings
 
 import torch
 
@@ -31,6 +32,9 @@ def setup_platform(local_rank: int = 0) -> torch.device:
 
     Call it after importing the megatron-core modules the program uses (see ``cpu_compat``).
     """
+    # megatron-core 0.16.1 calls torch.distributed APIs that torch 2.13 deprecated (reduce_scatter_tensor,
+    # ShardedTensor, ...): a FutureWarning per call and rank, on GPU and CPU alike, none about our code.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed|megatron\.core)\.")
     if is_cuda():
         torch.cuda.set_device(local_rank)
     else:
