@@ -1,4 +1,4 @@
-"""Launch paths: the demo started the way `srun` starts it, and the layout checker CLI."""
+"""Launch paths: the smoke test started the way `srun` starts it, and the layout checker CLI."""
 
 import json
 import os
@@ -20,12 +20,12 @@ def _slurm_job_id_for_free_port() -> str:
             return str(port - 20000)
 
 
-def test_demo_under_srun_environment(tmp_path):
+def test_smoke_test_under_srun_environment(tmp_path):
     base = {k: v for k, v in os.environ.items()
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
     base.update(SLURM_NTASKS="4", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=_slurm_job_id_for_free_port(),
                 OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # fmt: skip
-    cmd = [sys.executable, "-m", "megatron_minillm.demo", "--iterations", "3", "--seq-length", "32"]
+    cmd = [sys.executable, "-m", "megatron_minillm.smoke", "--iterations", "3", "--seq-length", "32"]
     procs = [
         subprocess.Popen(cmd, env=base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip

@@ -1,11 +1,13 @@
-"""Foundation demo: a teacher and a student, each TP x PP over the same ranks, forward + backward.
+"""Cluster smoke test: a teacher and a student, each TP x PP over the same ranks, forward + backward.
 
-    torchrun --nproc-per-node 4 -m megatron_minillm.demo --tp 2 --pp 2
+    torchrun --nproc-per-node 4 -m megatron_minillm.smoke --tp 2 --pp 2
 
 Both models are random-init LLaMA-style configs (built exactly as from an HF ``config.json``), fed
 with UTF-8 bytes of a short English text. Each iteration runs the frozen teacher forward-only and
 the student forward/backward + AdamW step through megatron's pipeline schedule, and prints both
-language-model losses. The end-to-end issue turns this into a real MiniLLM distillation.
+language-model losses. It needs no checkpoint and no data: a first check that a new cluster's
+launcher, process groups and collectives work before a real run (``scripts/demo.sh`` is the
+end-to-end distillation).
 """
 
 import argparse
