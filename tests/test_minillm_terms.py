@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from harness import run_distributed
+
 from megatron_minillm.algorithms import minillm
 from megatron_minillm.training.config import ConfigError, load_config
 
@@ -53,3 +55,50 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_config(str(path), ["teacher=null"])
     with pytest.raises(ConfigError, match="algorithm 'ppo' is not one of"):
         load_config(str(path), ["algorithm=ppo"])
+    with pytest.raises(ConfigError, match="policy_gradient=false and single_step=false"):
+        load_config(str(path), ["algorithm=minillm", "policy_gradient=false", "single_step=false"])
+
+
+def _minillm_loss_with_and_without_policy_gradient():
+    """The trainer's MiniLLM loss on one micro-batch with policy_gradient on and off, and the
+    single-step reverse KL alone (token mean), with their gradients on the student logits."""
+    from types import SimpleNamespace
+
+    from megatron_minillm.losses import reverse_kl
+    from megatron_minillm.parallel import init_distributed
+    from megatron_minillm.training.config import TrainConfig
+    from megatron_minillm.training.trainer import Trainer
+
+    init_distributed()
+    gen = torch.Generator().manual_seed(0)
+    b, s, v = 2, 5, 11
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float32)
+    batch = {"kind": "minillm", "loss_mask": mask, "scale": 1.0 / mask.sum().item(),
+             "labels": torch.randint(v, (b, s), generator=gen), "teacher_logits": torch.randn(b, s, v, generator=gen),
+             "log_q_old": -1 - torch.rand(b, s, generator=gen), "weight": torch.ones(b, s),
+             "advantages": torch.randn(b, s, generator=gen)}  # fmt: skip
+    student = torch.randn(b, s, v, generator=gen)
+    out = {}
+    for pg in (True, False):
+        trainer = Trainer.__new__(Trainer)  # only _loss is exercised: it reads cfg and arch.vocab_size
+        trainer.cfg = TrainConfig(student="s", teacher="t", data="d", policy_gradient=pg)
+        trainer.arch = SimpleNamespace(vocab_size=v)
+        logits = student.clone().requires_grad_()
+        loss, metrics = trainer._loss(dict(batch), logits)
+        loss.backward()
+        out[pg] = (loss.detach(), sorted(metrics), logits.grad)
+    logits = student.clone().requires_grad_()
+    rkl = (reverse_kl(logits, batch["teacher_logits"], mask, vocab_size=v) * mask).sum() / mask.sum()
+    rkl.backward()
+    return out, (rkl.detach(), logits.grad)
+
+
+def test_policy_gradient_switch_leaves_only_the_single_step_term():
+    [(out, (rkl, rkl_grad))] = run_distributed(_minillm_loss_with_and_without_policy_gradient, 1)
+    loss, names, grad = out[False]
+    assert names == ["single-step loss"]
+    torch.testing.assert_close(loss, rkl)
+    torch.testing.assert_close(grad, rkl_grad)
+    loss_pg, names_pg, grad_pg = out[True]
+    assert names_pg == ["pg loss", "single-step loss"]
+    assert not torch.allclose(loss_pg, rkl) and not torch.allclose(grad_pg, rkl_grad)

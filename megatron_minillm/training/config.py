@@ -67,6 +67,7 @@ class TrainConfig:
     reward_clip: float = 100.0
     length_norm: bool = True
     whiten: bool = True
+    policy_gradient: bool = True  # the PPO-clipped policy-gradient term; false: single-step (+ L_PT) only
     single_step: bool = True  # the single-step reverse-KL term L_Single
     lm_coef: float = 1.0  # weight of L_PT (needs pt_data)
     kd_ratio: float = 0.5  # L_PT and the KD baseline: (1 - kd_ratio) CE + kd_ratio forward KL
@@ -95,6 +96,9 @@ class TrainConfig:
             raise ConfigError(f"mix_alpha ({self.mix_alpha}) and kd_ratio ({self.kd_ratio}) must be in [0, 1]")
         if self.lr_decay_style not in ("constant", "cosine", "linear"):
             raise ConfigError(f"lr_decay_style {self.lr_decay_style!r} is not constant, cosine or linear")
+        if self.algorithm == "minillm" and not (self.policy_gradient or self.single_step):
+            raise ConfigError("minillm with policy_gradient=false and single_step=false has no rollout loss; "
+                              "keep at least one of them")  # fmt: skip
         if self.dtype not in ("fp32", "bf16") or self.teacher_cache_dtype not in ("fp32", "bf16"):
             raise ConfigError("dtype and teacher_cache_dtype must be fp32 or bf16")
 

@@ -196,9 +196,10 @@ class Trainer:
         if kind in ("pt", "kd"):
             terms["kd loss"] = forward_kl(logits, teacher, mask, vocab_size=vocab)
         if kind == "minillm":
-            log_q = token_log_probs(logits, batch["labels"], mask, temperature=cfg.temperature, vocab_size=vocab)
-            terms["pg loss"] = minillm.ppo_clipped_loss(log_q, batch["log_q_old"], batch["weight"], batch["advantages"],
-                                                        mask, cfg.clip_eps)  # fmt: skip
+            if cfg.policy_gradient:
+                log_q = token_log_probs(logits, batch["labels"], mask, temperature=cfg.temperature, vocab_size=vocab)
+                terms["pg loss"] = minillm.ppo_clipped_loss(log_q, batch["log_q_old"], batch["weight"],
+                                                            batch["advantages"], mask, cfg.clip_eps)  # fmt: skip
             if cfg.single_step:  # L_Single: the full-vocabulary reverse KL at every response position
                 terms["single-step loss"] = reverse_kl(logits, teacher, mask, temperature=cfg.temperature,
                                                        vocab_size=vocab)  # fmt: skip
@@ -281,7 +282,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(cfg.seed + 104729 * iteration + epoch)
             for k in torch.randperm(len(steps), generator=gen).tolist():
                 micro = [dict(b) for b in steps[k]]
-                if self.is_last_stage:
+                if self.is_last_stage and cfg.policy_gradient:
                     self._advantages(micro)
                 if self.pt_data is not None:
                     pt = self._pretrain_batches(int(self.scheduler.num_steps), len(micro))
