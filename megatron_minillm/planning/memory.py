@@ -1,0 +1,495 @@
+"""Per-GPU memory of a teacher/student run at TP x PP x DP, and the layouts that fit.
+
+Pure arithmetic on :class:`~megatron_minillm.models.Architecture` (no model is built). Each term
+follows what this repository's code keeps alive, not a generic transformer; docs/memory.md gives the
+formulas and `benchmarks/bench_plan_memory.py` compares the prediction with measured peak memory.
+
+What the trainer keeps (``training/trainer.py``), per rank of a TP x PP x DP layout:
+
+* persistent: student and teacher weights (``dtype``) of this pipeline stage's TP shard; the
+  student's megatron-DDP gradient buffer (fp32: ``grad_reduce_in_fp32``); AdamW moments (2 x fp32)
+  and, for bf16, fp32 main parameters, divided by DP with the distributed optimizer. The teacher is
+  frozen: no gradients, no optimizer state.
+* per MiniLLM iteration (phases, not alive at the same time):
+  rollouts (student + teacher KV caches), scoring (one teacher forward over the rank's rollouts,
+  logits kept in ``teacher_cache_dtype`` on the last stage), training (activations of the
+  micro-batches in flight, logits and the loss gradients, the cache and one step's L_PT teacher
+  logits), the optimizer step.
+
+The peak is the largest phase on the worst pipeline stage (the first stage holds PP micro-batches
+in flight under 1F1B and the embedding, the last the output layer, logits and the cache).
+"""
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_minillm.models import Architecture, architecture_from_dict, check_layout, load_architecture
+from megatron_minillm.models.hf_config import UnsupportedModelError
+from megatron_minillm.models.vocab import padded_vocab_size
+from megatron_minillm.parallel import LayoutError
+
+GiB = 2**30
+# The eager chunked loss kernels (every case but fp32 at TP=1, which has a hand-written kernel with
+# no temporaries) keep fp32 chunk temporaries of CHUNK_ELEMENTS (2^19) elements alive together
+# (losses/vocab_parallel.py); up to 8 were seen at once in the reverse-KL backward chunk of a bf16
+# run (benchmarks/bench_plan_memory.py). Not counted op by op: 8 chunks, 16 MiB.
+LOSS_CHUNK_WORKSPACE = 8 * 4 * 2**19
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Public Hugging Face config.json values (only the fields the architecture reader uses).
+KNOWN_MODELS: dict[str, dict] = {
+    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024,
+                 activation_function="gelu_new", layer_norm_epsilon=1e-5),
+    "gpt2-medium": dict(model_type="gpt2", n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, n_positions=1024,
+                        activation_function="gelu_new", layer_norm_epsilon=1e-5),
+    "gpt2-large": dict(model_type="gpt2", n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024,
+                       activation_function="gelu_new", layer_norm_epsilon=1e-5),
+    "gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, vocab_size=50257, n_positions=1024,
+                    activation_function="gelu_new", layer_norm_epsilon=1e-5),
+    "opt-1.3b": dict(model_type="opt", hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
+                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048,
+                     do_layer_norm_before=True, activation_function="relu", tie_word_embeddings=True),
+    "opt-13b": dict(model_type="opt", hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
+                    vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=5120,
+                    do_layer_norm_before=True, activation_function="relu", tie_word_embeddings=True),
+    # LLaMA-2 (meta-llama/Llama-2-*-hf)
+    "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                     rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True),
+}  # fmt: skip
+
+
+class PlanError(ValueError):
+    """A model or layout the planner cannot plan (unknown name, sizes that do not divide)."""
+
+
+def resolve_model(spec: str) -> Architecture:
+    """A known name (``KNOWN_MODELS``), an HF directory or a config.json path."""
+    key = spec.lower()
+    if key in KNOWN_MODELS:
+        return architecture_from_dict(KNOWN_MODELS[key])
+    path = Path(spec)
+    if path.is_dir() or path.is_file():
+        return load_architecture(path)
+    raise PlanError(f"{spec!r} is neither a known model name nor an HF model directory/config.json; "
+                    f"known names: {', '.join(KNOWN_MODELS)}")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# parameters
+
+
+def stage_tensors(arch: Architecture, tp: int, pp: int, stage: int, make_vocab_size_divisible_by: int = 128,
+                  padded_vocab: Optional[int] = None) -> list[tuple[str, int]]:  # fmt: skip
+    """(name, numel) of every parameter one TP rank of pipeline ``stage`` holds, in the order of
+    ``model.parameters()`` of megatron's GPTModel with the local layer spec."""
+    h, a, g, d, f = arch.hidden_size, arch.num_attention_heads, arch.num_query_groups, arch.kv_channels, arch.ffn_hidden_size
+    vocab = padded_vocab or padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
+    layer_norm = arch.normalization == "LayerNorm"
+    bias = arch.add_bias_linear
+    fc1 = (2 if arch.activation == "swiglu" else 1) * f // tp
+    qkv = (a + 2 * g) * d // tp
+    out: list[tuple[str, int]] = []
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        out.append(("word_embeddings", vocab // tp * h))
+        if arch.position_embedding_type == "learned_absolute":
+            out.append(("position_embeddings", (arch.max_position_embeddings + arch.position_offset) * h))
+    for _ in range(arch.num_layers // pp):
+        out += [("layers.norms", h)] + ([("layers.norms", h)] if layer_norm else [])
+        out += [("layers.linear_proj", h * (a * d // tp))] + ([("layers.linear_proj", h)] if bias else [])
+        out += [("layers.linear_qkv", qkv * h)] + ([("layers.linear_qkv", qkv)] if bias or arch.add_qkv_bias else [])
+        out += [("layers.norms", h)] + ([("layers.norms", h)] if layer_norm else [])
+        out += [("layers.linear_fc1", fc1 * h)] + ([("layers.linear_fc1", fc1)] if bias else [])
+        out += [("layers.linear_fc2", h * (f // tp))] + ([("layers.linear_fc2", h)] if bias else [])
+    if last:
+        out += [("final_layernorm", h)] + ([("final_layernorm", h)] if layer_norm else [])
+        # Tied embeddings: the first stage's table is the output layer; with PP > 1 the last stage
+        # holds its own copy (megatron keeps the two in sync through the embedding group).
+        if not arch.tie_word_embeddings or not first:
+            out.append(("output_layer", vocab // tp * h))
+    return out
+
+
+def stage_parameters(arch: Architecture, tp: int, pp: int, stage: int, make_vocab_size_divisible_by: int = 128,
+                     padded_vocab: Optional[int] = None) -> dict[str, int]:  # fmt: skip
+    """Element counts of the parameters one TP rank of pipeline ``stage`` holds, summed by kind
+    (``layers.*`` over this stage's layers)."""
+    out: dict[str, int] = {}
+    for name, numel in stage_tensors(arch, tp, pp, stage, make_vocab_size_divisible_by, padded_vocab):
+        out[name] = out.get(name, 0) + numel
+    return out
+
+
+def grad_buffer_numel(arch: Architecture, tp: int, pp: int, stage: int, dp: int, distributed_optimizer: bool,
+                      make_vocab_size_divisible_by: int = 128) -> int:  # fmt: skip
+    """Elements of megatron DDP's gradient buffer (``param_and_grad_buffer``, one bucket: no overlapped
+    reduce): parameters in reverse order; with the distributed optimizer each starts at a multiple of
+    64 elements, each bucket ends at a multiple of lcm(DP, 128), and a tied embedding shared across
+    pipeline stages gets a bucket of its own."""
+    tensors = stage_tensors(arch, tp, pp, stage, make_vocab_size_divisible_by)
+    if not distributed_optimizer:
+        return sum(n for _, n in tensors)
+    divisor = math.lcm(dp, 128)
+    shared = {"word_embeddings", "output_layer"} if arch.tie_word_embeddings and pp > 1 else set()
+    start = bucket_open = 0
+    end = 0
+    for name, numel in reversed(tensors):
+        start = _ceil(start, 64)
+        if name in shared and bucket_open:
+            start = _ceil(start, divisor)
+        end = start + numel
+        bucket_open += 1
+        if name in shared:
+            start, bucket_open = _ceil(end, divisor), 0
+            end = start
+        else:
+            start = end
+    return _ceil(end, divisor) if bucket_open else end
+
+
+def _ceil(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# --------------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What sizes memory: the layout, batches and lengths of a training config (``TrainConfig`` names)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    algorithm: str = "minillm"
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    max_prompt_length: int = 256
+    max_length: int = 512
+    rollout_batch_size: int = 256
+    rollout_micro_batch_size: int = 16
+    dtype: str = "bf16"
+    teacher_cache_dtype: str = "bf16"
+    recompute: bool = False
+    distributed_optimizer: bool = True
+    single_step: bool = True
+    pt_data: bool = True  # L_PT on: one pretraining micro-batch (with teacher logits) per rollout micro-batch
+    make_vocab_size_divisible_by: int = 128
+    # "cuda": fused Adam (no temporaries); "cpu": torch.optim.AdamW's per-tensor temporaries
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size", "rollout_batch_size",
+                     "rollout_micro_batch_size"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise PlanError(f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length})")
+        if self.dtype not in DTYPE_BYTES or self.teacher_cache_dtype not in ("fp32", "bf16"):
+            raise PlanError(f"dtype {self.dtype!r} / teacher_cache_dtype {self.teacher_cache_dtype!r}: fp32 or bf16")
+        if self.device not in ("cuda", "cpu"):
+            raise PlanError(f"device {self.device!r} is not cuda or cpu")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes per rank of one pipeline stage: ``terms`` (what is allocated) and ``phases`` (what is
+    alive together at each phase's peak); ``peak`` is the largest phase."""
+
+    stage: int
+    terms: dict[str, float]
+    phases: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "peak_bytes": self.peak, "peak_phase": self.peak_phase, **asdict(self)}
+
+
+def _layer_saved_bytes(arch: Architecture, tokens: int, seq: int, tp: int, nbytes: int) -> float:
+    """Bytes one transformer layer of megatron's local spec (SDPA core attention, no sequence
+    parallelism, dropout 0) saves for backward, per TP rank, for ``tokens`` = b x s tokens.
+
+    Counted from the autograd graph (what ``saved_tensors_hooks`` sees, unique storages):
+    each norm keeps its input (LayerNorm: input + fp32 mean/rstd; RMSNorm: torch's composite
+    ``rms_norm`` keeps the fp32 input and the fp32 normalized tensor, 8 B/element whatever the
+    dtype); QKV keeps its input (h) and its output (q/k/v are views of it; RoPE adds new q and k);
+    SDPA keeps q, k, v, its output (the projection's input) and an fp32 log-sum-exp per head; the MLP
+    keeps fc1's input (h), and for SwiGLU fc1's output (2f), silu's output (f), the linear half
+    (f, megatron adds ``glu_linear_offset``) and the product (fc2's input, f); ReLU: one f
+    (relu saves its result, which is fc2's input); GELU: two (its input and fc2's input).
+    """
+    h, a, g, d, f = arch.hidden_size, arch.num_attention_heads, arch.num_query_groups, arch.kv_channels, arch.ffn_hidden_size
+    rope = arch.position_embedding_type == "rope"
+    if arch.normalization == "LayerNorm":
+        norm = nbytes * h + 8
+    else:
+        norm = 8 * h + 4
+    qkv = nbytes * (a + 2 * g) * d / tp + (nbytes * (a + g) * d / tp if rope else 0)
+    mlp_units = {"swiglu": 5, "relu": 1}.get(arch.activation, 2)
+    per_token = 2 * norm + 2 * nbytes * h + qkv + nbytes * a * d / tp + 4 * a / tp + nbytes * mlp_units * f / tp
+    rope_tables = 4 * seq * d * nbytes if rope else 0  # cos/sin of q and k, [s, 1, 1, d] each
+    return tokens * per_token + rope_tables
+
+
+def _forward_only_layer_bytes(arch: Architecture, tokens: int, tp: int, nbytes: int) -> float:
+    """Largest set of one layer's temporaries alive at once without autograd (the MLP: the layer's
+    input and residual, fc1's output, and for SwiGLU silu's output, the linear half and the product)."""
+    f, h = arch.ffn_hidden_size, arch.hidden_size
+    mlp_units = 5 if arch.activation == "swiglu" else 2
+    return tokens * nbytes * (2 * h + mlp_units * f / tp)
+
+
+def _loss_terms(cfg: PlanConfig, kind: str) -> int:
+    """Loss functions on the logits of one micro-batch of ``kind`` (each returns a full gradient)."""
+    if kind == "pt" or kind == "kd":
+        return 2  # CE + forward KL
+    if kind == "minillm":
+        return 2 if cfg.single_step else 1  # PPO term (token log-probs) + single-step reverse KL
+    return 1  # sft, seqkd, rkl_offpolicy
+
+
+def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg: PlanConfig,
+                     stage: int) -> MemoryBreakdown:  # fmt: skip
+    tp, pp, dp, B = cfg.tp, cfg.pp, cfg.dp, DTYPE_BYTES[cfg.dtype]
+    first, last = stage == 0, stage == pp - 1
+    cache_B = DTYPE_BYTES[cfg.teacher_cache_dtype]
+    minillm = cfg.algorithm == "minillm"
+    notes: list[str] = []
+
+    s_params = stage_parameters(student, tp, pp, stage, cfg.make_vocab_size_divisible_by)
+    n_student = sum(s_params.values())
+    n_teacher = sum(stage_parameters(teacher, tp, pp, stage, cfg.make_vocab_size_divisible_by).values()) if teacher else 0
+    layers_s = student.num_layers // pp
+    n_buffer = grad_buffer_numel(student, tp, pp, stage, dp, cfg.distributed_optimizer, cfg.make_vocab_size_divisible_by)
+    opt_shard = n_buffer / dp if cfg.distributed_optimizer else n_buffer
+    optimizer_bytes_per = 8 + (4 if B < 4 else 0)  # Adam moments (+ fp32 main params for bf16)
+
+    vocab_s = padded_vocab_size(student.vocab_size, tp, cfg.make_vocab_size_divisible_by) // tp
+    mbs, seq = cfg.micro_batch_size, cfg.max_length
+    tokens = mbs * seq
+    local_batch = cfg.global_batch_size // dp
+    transpose_copy = 1 if mbs > 1 else 0  # GPTModel returns logits.transpose(0, 1).contiguous()
+
+    terms: dict[str, float] = {
+        "student weights": B * n_student,
+        "teacher weights": B * n_teacher,
+        "student grads (fp32 DDP buffer)": 4 * n_buffer,
+        "optimizer state": optimizer_bytes_per * opt_shard,
+    }
+    persistent = sum(terms.values())
+
+    # ---- teacher logits kept on the last stage
+    rollout_cache = 0.0
+    if minillm and cfg.single_step and teacher:
+        rollout_cache = cfg.rollout_batch_size / dp * seq * vocab_s * cache_B
+    step_cache = 0.0
+    if teacher and (cfg.algorithm in ("kd", "rkl_offpolicy") or (minillm and cfg.pt_data)):
+        step_cache = local_batch * seq * vocab_s * cache_B  # one optimizer step's L_PT (or KD) batches
+    if not last:
+        rollout_cache = step_cache = 0.0
+    terms["teacher logits cache (rollouts)"] = rollout_cache
+    terms["teacher logits cache (L_PT/KD step)"] = step_cache
+
+    # ---- training activations: 1F1B keeps min(PP - stage, micro-batches) in flight on this stage
+    micro_per_step = local_batch // mbs * (2 if minillm and cfg.pt_data and teacher else 1)
+    in_flight = min(pp - stage, micro_per_step)
+    layer_saved = _layer_saved_bytes(student, tokens, seq, tp, B)
+    if cfg.recompute:  # full, uniform, 1 layer per checkpoint: each layer's input, plus one layer re-run
+        per_micro = layers_s * B * tokens * student.hidden_size
+        recompute_layer = layer_saved
+    else:
+        per_micro = layers_s * layer_saved
+        recompute_layer = 0.0
+    if not last:  # the stage output stays referenced by the schedule until its backward
+        per_micro += B * tokens * student.hidden_size
+    final_norm = (B * student.hidden_size + 8) if student.normalization == "LayerNorm" else (8 * student.hidden_size + 4)
+    if last:  # final norm + output layer input
+        per_micro += tokens * (final_norm + B * student.hidden_size)
+    activations = in_flight * per_micro + recompute_layer
+    terms["activations (train, in flight)"] = activations
+
+    # ---- logits and loss gradients (last stage): the largest set alive at once. Each loss function
+    # computes its gradient [tokens, V/TP] in its forward and keeps it until the backward
+    # (losses/vocab_parallel.py), so after the loss forward: logits, the teacher logits converted to
+    # the student's dtype (when the cache dtype differs), and one gradient per loss term.
+    logits_peak = 0.0
+    if last:
+        L = tokens * vocab_s * B
+        kinds = ["minillm", "pt"] if minillm and cfg.pt_data and teacher else [cfg.algorithm]
+        uses_teacher = {"minillm": cfg.single_step, "pt": True, "kd": True, "rkl_offpolicy": True}
+        candidates = [L * (1 + transpose_copy)]  # forward: [s, b, V/TP] and its [b, s, V/TP] copy
+        for kind in kinds:
+            up = L if teacher and uses_teacher.get(kind, False) and cache_B != B else 0.0
+            candidates.append(L + up + _loss_terms(cfg, kind) * L + LOSS_CHUNK_WORKSPACE)
+        # output layer backward: the gradient, its contiguous [s, b] copy, grad weight and grad input
+        candidates.append(L * (1 + transpose_copy) + B * (vocab_s + tokens) * student.hidden_size)
+        logits_peak = max(candidates)
+    terms["logits + loss gradients"] = logits_peak
+
+    # ---- rollouts: student + teacher KV caches for one rollout micro-batch
+    rmb = cfg.rollout_micro_batch_size
+    rollout_models = [student] + ([teacher] if teacher and minillm else [])
+    kv = 0.0
+    if minillm or cfg.algorithm == "seqkd":
+        models = rollout_models if minillm else [teacher]
+        kv = sum(2 * (m.num_layers // pp) * rmb * seq * m.num_query_groups // tp * m.kv_channels * B for m in models)
+    terms["KV caches (rollouts)"] = kv
+    prefill = 0.0
+    if kv:
+        prompt_tokens = rmb * cfg.max_prompt_length
+        prefill = max(_forward_only_layer_bytes(m, prompt_tokens, tp, B) for m in rollout_models)
+    # ---- scoring: teacher forwards, logits copied into the cache (last stage). The rollouts are scored
+    # in one pass before training; the L_PT (or KD) micro-batches of a step are scored before its
+    # forward/backward, on top of the full rollout cache.
+    score = score_pt = 0.0
+    if teacher and cfg.algorithm not in ("sft", "seqkd"):
+        layer = _forward_only_layer_bytes(teacher, tokens, tp, B)
+        L_t, entry = tokens * vocab_s * B, tokens * vocab_s * cache_B
+
+        def scoring(cached: float, log_p: bool) -> float:
+            """Peak while scoring the last micro-batch with ``cached`` bytes already in the cache:
+            its logits and their transposed copy, then the cache copy (+ an fp32 copy for log p)."""
+            if not last:
+                return layer
+            fp32_copy = tokens * vocab_s * 4 if log_p and B < 4 else 0.0
+            return max(layer, cached + L_t * (1 + transpose_copy), cached + entry + L_t + fp32_copy)
+
+        if minillm:
+            score = scoring(rollout_cache - entry, log_p=True) if rollout_cache else scoring(0.0, log_p=True)
+            if step_cache:
+                score_pt = rollout_cache + scoring(step_cache - entry, log_p=False)
+        else:
+            score_pt = scoring(step_cache - entry, log_p=False)
+
+    # ---- optimizer step temporaries (CPU: torch AdamW per tensor, sqrt + division of exp_avg_sq)
+    step_temp = 0.0
+    if cfg.device == "cpu":
+        shard = dp if cfg.distributed_optimizer else 1
+        largest = max(n for _, n in stage_tensors(student, tp, pp, stage, cfg.make_vocab_size_divisible_by))
+        step_temp = 2 * 4 * largest / shard
+    terms["optimizer step temporaries"] = step_temp
+
+    phases = {
+        "rollout": persistent + kv + prefill if kv else persistent,
+        "score": persistent + score,
+        "score (L_PT/KD, per step)": persistent + score_pt,
+        "train": persistent + rollout_cache + step_cache + activations + logits_peak,
+        "optimizer step": persistent + rollout_cache + step_cache + step_temp,
+    }
+    if pp > 1:
+        notes.append(f"stage {stage}: {in_flight} micro-batch(es) in flight under 1F1B")
+    return MemoryBreakdown(stage=stage, terms=terms, phases=phases, notes=notes)
+
+
+def plan_memory(teacher: Optional[Architecture], student: Architecture, cfg: PlanConfig) -> list[MemoryBreakdown]:
+    """Breakdowns of the first and the last pipeline stage (one if PP = 1), worst first.
+
+    Raises :class:`~megatron_minillm.parallel.LayoutError` when TP/PP do not divide a model.
+    """
+    for name, arch in (("student", student), ("teacher", teacher)):
+        if arch is None:
+            continue
+        try:
+            check_layout(arch, cfg.tp, cfg.pp)
+        except LayoutError as err:
+            raise LayoutError(f"{name}: {err}") from None
+    if cfg.global_batch_size % (cfg.micro_batch_size * cfg.dp):
+        raise PlanError(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x DP = "
+                        f"{cfg.micro_batch_size} x {cfg.dp}")  # fmt: skip
+    stages = sorted({0, cfg.pp - 1})
+    out = [_stage_breakdown(teacher, student, cfg, s) for s in stages]
+    return sorted(out, key=lambda b: -b.peak)
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    peak_bytes: float
+    peak_phase: str
+    fits: bool
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def suggest_layouts(teacher: Optional[Architecture], student: Architecture, cfg: PlanConfig, *, nodes: int,
+                    gpus_per_node: int, gpu_memory_bytes: float, headroom: float = 0.9,
+                    include_unfit: bool = False) -> list[Layout]:  # fmt: skip
+    """Layouts TP x PP x DP of ``nodes`` x ``gpus_per_node`` GPUs whose peak fits in ``headroom`` x
+    the GPU memory, best first: smallest TP x PP (most data parallelism), then fewer pipeline stages
+    (TP stays within a node: TP divides ``gpus_per_node``), then lower peak.
+
+    A layout is skipped when TP or PP does not divide a model (heads, KV heads, FFN, layers) or the
+    batch sizes do not split over DP (``global_batch_size`` by micro-batch x DP).
+    """
+    world = nodes * gpus_per_node
+    found = []
+    for tp in _divisors(gpus_per_node):
+        for pp in _divisors(world // tp):
+            if world % (tp * pp):
+                continue
+            dp = world // (tp * pp)
+            try:
+                trial = replace(cfg, tp=tp, pp=pp, dp=dp)
+                peak = plan_memory(teacher, student, trial)[0]
+            except (LayoutError, PlanError):
+                continue
+            fits = peak.peak <= headroom * gpu_memory_bytes
+            if fits or include_unfit:
+                found.append(Layout(tp, pp, dp, peak.peak, peak.peak_phase, fits))
+    return sorted(found, key=lambda l: (not l.fits, l.tp * l.pp, l.pp, l.peak_bytes))
+
+
+def format_breakdown(breakdowns: Sequence[MemoryBreakdown], gpu_memory_bytes: Optional[float] = None) -> str:
+    """A table of every term and phase (GiB) per reported stage."""
+    names = list(breakdowns[0].terms)
+    header = f"{'GiB per GPU':38s}" + "".join(f"{'stage ' + str(b.stage):>12s}" for b in breakdowns)
+    lines = [header, "-" * len(header)]
+    for name in names:
+        lines.append(f"{name:38s}" + "".join(f"{b.terms[name] / GiB:12.3f}" for b in breakdowns))
+    lines.append("phases (what is alive together):")
+    for phase in breakdowns[0].phases:
+        lines.append(f"  {phase:36s}" + "".join(f"{b.phases[phase] / GiB:12.3f}" for b in breakdowns))
+    lines.append(f"{'peak':38s}" + "".join(f"{b.peak / GiB:12.3f}" for b in breakdowns))
+    if gpu_memory_bytes:
+        lines.append(f"{'of GPU memory':38s}" + "".join(f"{100 * b.peak / gpu_memory_bytes:11.0f}%" for b in breakdowns))
+    for b in breakdowns:
+        lines += b.notes
+    return "\n".join(lines)
+
+
+__all__ = ["KNOWN_MODELS", "Layout", "MemoryBreakdown", "PlanConfig", "PlanError", "format_breakdown", "plan_memory",
+           "resolve_model", "stage_parameters", "stage_tensors", "grad_buffer_numel", "suggest_layouts", "UnsupportedModelError"]

@@ -1,0 +1,154 @@
+"""Per-GPU memory of a MiniLLM (or baseline) run, and the TP x PP x DP layouts that fit.
+
+    python tools/plan_memory.py --teacher llama-13b --student llama-7b --nodes 2 --gpus-per-node 8 \
+        --gpu-memory-gb 80 --config examples/configs/minillm.yaml
+    python tools/plan_memory.py --teacher /models/teacher --student gpt2 --tp 2 --pp 1 --dp 4 --json
+
+Models: an HF directory, a config.json, or a known name (gpt2, gpt2-medium, gpt2-large, gpt2-xl,
+opt-1.3b, opt-13b, llama-7b, llama-13b, llama-70b, smollm2-135m). With --tp/--pp/--dp the breakdown
+of that layout is printed (first and last pipeline stage); always, the layouts of --nodes x
+--gpus-per-node GPUs that fit in --headroom x --gpu-memory-gb. Batch and length options default to
+the training config given with --config (examples/configs/minillm.yaml), else to TrainConfig's
+defaults. Formulas and their validation: docs/memory.md. Exit status 2 with one message on bad input.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from megatron_minillm.models.hf_config import UnsupportedModelError
+from megatron_minillm.parallel import LayoutError
+from megatron_minillm.planning.memory import (
+    GiB,
+    PlanConfig,
+    PlanError,
+    format_breakdown,
+    plan_memory,
+    resolve_model,
+    suggest_layouts,
+)
+
+# TrainConfig fields the planner reads from --config (same names).
+FROM_CONFIG = ("algorithm", "tp", "pp", "micro_batch_size", "global_batch_size", "max_prompt_length", "max_length",
+               "rollout_batch_size", "rollout_micro_batch_size", "dtype", "teacher_cache_dtype", "recompute",
+               "single_step")  # fmt: skip
+
+
+def _config_values(path: str) -> dict:
+    """The planner's fields of a training YAML (checked by TrainConfig; paths in it need not exist)."""
+    import yaml
+
+    from megatron_minillm.training.config import ConfigError, TrainConfig, load_config
+
+    raw = yaml.safe_load(open(path)) or {}
+    overrides = [f"{k}=x" for k in ("student", "data") if not raw.get(k)]  # placeholders for required paths
+    if raw.get("algorithm", "minillm") != "sft" and not raw.get("teacher"):
+        overrides.append("teacher=x")
+    try:
+        cfg: TrainConfig = load_config(path, overrides)
+    except ConfigError as err:
+        raise PlanError(f"{path}: {err}") from None
+    values = {k: getattr(cfg, k) for k in FROM_CONFIG}
+    values["distributed_optimizer"] = cfg.use_distributed_optimizer
+    values["pt_data"] = bool(cfg.pt_data) and cfg.lm_coef > 0
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", help="HF directory, config.json or known name (omit for sft)")
+    parser.add_argument("--student", required=True, help="HF directory, config.json or known name")
+    parser.add_argument("--config", help="training YAML to take batch sizes, lengths, dtype, recompute from")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GiB")
+    parser.add_argument("--headroom", type=float, default=0.9,
+                        help="fraction of GPU memory a plan may use (allocator fragmentation, CUDA context, NCCL)")
+    parser.add_argument("--tp", type=int)
+    parser.add_argument("--pp", type=int)
+    parser.add_argument("--dp", type=int)
+    parser.add_argument("--algorithm", choices=["minillm", "sft", "kd", "seqkd", "rkl_offpolicy"])
+    parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--global-batch-size", type=int)
+    parser.add_argument("--max-prompt-length", type=int)
+    parser.add_argument("--max-length", type=int, help="prompt + response (the training sequence length)")
+    parser.add_argument("--rollout-batch-size", type=int)
+    parser.add_argument("--rollout-micro-batch-size", type=int)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"])
+    parser.add_argument("--teacher-cache-dtype", choices=["fp32", "bf16"])
+    parser.add_argument("--recompute", action="store_true", default=None, help="full activation recomputation")
+    parser.add_argument("--no-distributed-optimizer", action="store_true")
+    parser.add_argument("--no-pt-data", action="store_true", help="MiniLLM without L_PT")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--max-suggestions", type=int, default=10)
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    args = parser.parse_args()
+    try:
+        return _run(args)
+    except (PlanError, LayoutError, UnsupportedModelError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    values = {"dtype": "bf16"}  # GPU planning: bf16 unless the config or --dtype says otherwise
+    if args.config:
+        values.update(_config_values(args.config))
+    for name in ("algorithm", "micro_batch_size", "global_batch_size", "max_prompt_length", "max_length",
+                 "rollout_batch_size", "rollout_micro_batch_size", "dtype", "teacher_cache_dtype", "recompute",
+                 "tp", "pp"):  # fmt: skip
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.no_distributed_optimizer:
+        values["distributed_optimizer"] = False
+    if args.no_pt_data:
+        values["pt_data"] = False
+    values["device"] = args.device
+    if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_memory_gb <= 0:
+        raise PlanError("--nodes, --gpus-per-node and --gpu-memory-gb must be positive")
+    student = resolve_model(args.student)
+    teacher = resolve_model(args.teacher) if args.teacher else None
+    if teacher is None and values.get("algorithm", "minillm") != "sft":
+        raise PlanError(f"algorithm {values.get('algorithm', 'minillm')} needs --teacher")
+    world = args.nodes * args.gpus_per_node
+    explicit = any(x is not None for x in (args.tp, args.pp, args.dp))
+    tp, pp = values.pop("tp", 1), values.pop("pp", 1)
+    if explicit:
+        dp = args.dp if args.dp is not None else max(world // (tp * pp), 1)
+    else:
+        dp = 1
+    base = PlanConfig(tp=tp, pp=pp, dp=dp, **values)
+    memory = args.gpu_memory_gb * GiB
+    out: dict = {"config": dataclasses.asdict(base), "gpu_memory_bytes": memory, "headroom": args.headroom}
+    breakdown = None
+    if explicit:
+        breakdown = plan_memory(teacher, student, base)
+        out["layout"] = {"tp": tp, "pp": pp, "dp": dp, "breakdown": [b.to_dict() for b in breakdown]}
+    layouts = suggest_layouts(teacher, student, base, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                              gpu_memory_bytes=memory, headroom=args.headroom)  # fmt: skip
+    out["suggestions"] = [dataclasses.asdict(x) for x in layouts[: args.max_suggestions]]
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"student {args.student}" + (f", teacher {args.teacher}" if teacher else "") +
+          f"; {base.algorithm}, {base.dtype}, micro-batch {base.micro_batch_size} x {base.max_length} tokens, "
+          f"rollouts {base.rollout_batch_size} (micro-batch {base.rollout_micro_batch_size}), "
+          f"recompute {'on' if base.recompute else 'off'}, distributed optimizer "
+          f"{'on' if base.distributed_optimizer else 'off'}")  # fmt: skip
+    if breakdown is not None:
+        print(f"\nlayout TP={tp} PP={pp} DP={dp}:")
+        print(format_breakdown(breakdown, memory))
+        if tp * pp * dp != world:
+            print(f"note: TP x PP x DP = {tp * pp * dp} is not the {world} GPUs of --nodes x --gpus-per-node")
+    print(f"\nlayouts of {args.nodes} x {args.gpus_per_node} GPUs that fit in {args.headroom:.0%} of "
+          f"{args.gpu_memory_gb:g} GiB (fewest model-parallel GPUs first):")  # fmt: skip
+    if not layouts:
+        print("  none: try more GPUs, --recompute, smaller micro-batches or rollout micro-batches")
+    for x in layouts[: args.max_suggestions]:
+        print(f"  TP={x.tp:<2d} PP={x.pp:<2d} DP={x.dp:<3d} peak {x.peak_bytes / GiB:7.2f} GiB ({x.peak_phase})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
