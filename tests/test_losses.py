@@ -312,3 +312,39 @@ def _compile_failure_falls_back_to_eager() -> int:
 
 def test_compile_failure_falls_back_to_eager_with_one_warning():
     assert run_distributed(_compile_failure_falls_back_to_eager, 1) == [1]
+
+
+def _bf16_backward_allocations() -> list[int]:
+    """Largest allocation (bytes) in the backward of bf16 per-token losses, next to the gradient's size."""
+    from torch.profiler import profile
+
+    import megatron_minillm.losses as L
+    from megatron_minillm.parallel import init_distributed
+
+    init_distributed()
+    tokens, vocab = 512, 4096
+    logits = torch.randn(4, tokens // 4, vocab).bfloat16().requires_grad_()
+    ids = torch.randint(0, vocab, (4, tokens // 4))
+    mask = torch.ones(4, tokens // 4)
+    mask[0, :7] = 0  # unselected rows too
+    loss = (L.token_log_probs(logits, ids, mask, temperature=0.7) * torch.rand(4, tokens // 4)).sum()
+    with profile(profile_memory=True) as prof:
+        loss.backward()
+    sizes = []
+
+    def walk(event) -> None:
+        if event.tag == torch._C._profiler._EventType.Allocation:
+            sizes.append(event.extra_fields.alloc_size)
+        for child in event.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    return [max(sizes), logits.grad.nbytes]
+
+
+def test_bf16_per_token_backward_has_no_fp32_logits_temporary():
+    """The backward scales the bf16 gradient by fp32 per-token upstream gradients: by chunks of rows, not
+    through fp32 copies of the whole [tokens, V] gradient (benchmarks/bench_plan_memory.py)."""
+    largest, grad_bytes = run_distributed(_bf16_backward_allocations, 1)[0]
+    assert largest < grad_bytes, f"an allocation of {largest} bytes in the backward, gradient {grad_bytes}"

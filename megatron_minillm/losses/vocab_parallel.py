@@ -213,10 +213,27 @@ class _VocabParallelLossFunction(torch.autograd.Function):
         if not ctx.reduce:
             if len(rows) < grad.shape[0]:  # unselected rows: zero gradient, scale 0
                 grad_output = grad_output.new_zeros(grad.shape[0]).index_copy_(0, rows, grad_output)
-            grad.mul_(grad_output[:, None])
+            _scale_rows(grad, grad_output, ctx.plan.options.chunk_tokens)
         elif grad_output.item() != 1.0:
             grad.mul_(grad_output)
         return grad, None, None, None, None, None, None
+
+
+def _scale_rows(grad: Tensor, scale: Tensor, chunk_tokens: Optional[int]) -> None:
+    """grad[i] *= scale[i] in place, for a gradient [tokens, V/TP] and per-token scales [tokens].
+
+    The scales of bf16/fp16 logits are fp32 (the losses' dtype), and on CPU an in-place product with a
+    tensor of another dtype promotes through temporaries (TensorIterator: an fp32 copy of the gradient
+    and an fp32 result, written back after), two [tokens, V/TP] fp32 tensors, four bf16 logits' worth
+    at the loss's backward; CUDA kernels cast on the fly. So mixed dtypes go by chunks of rows, each
+    the same product as before.
+    """
+    if scale.dtype == grad.dtype:
+        grad.mul_(scale[:, None])
+        return
+    step = chunk_tokens or max(1, CHUNK_ELEMENTS // grad.shape[-1])
+    for k in range(0, grad.shape[0], step):
+        grad[k : k + step].mul_(scale[k : k + step, None])
 
 
 def _gradient_buffer(student: Tensor, rows: Tensor) -> Tensor:
