@@ -33,7 +33,7 @@ class TrainConfig:
     tp: int = 1
     pp: int = 1
     seed: int = 1234
-    train_iters: int = 5000  # minillm: rollout iterations; others: optimizer steps
+    train_iters: int = 313  # minillm: rollout iterations (313 x 256 x 4 / 64 = 5008 steps, LMOps: 5000); others: steps
     micro_batch_size: int = 4
     global_batch_size: int = 16  # samples per optimizer step over all DP ranks
     max_prompt_length: int = 256

@@ -131,9 +131,19 @@ class Trainer:
 
     def _pack(self, prompts: list[list[int]], responses: list[list[int]], kind: Optional[str] = None,
               **per_token: list[list[float]]) -> list[Batch]:  # fmt: skip
-        """Micro-batches [mbs, max_length] of prompt + response, right-padded; the loss covers the
-        positions that predict response tokens, where ``per_token`` values (one per response token) go."""
-        cfg, seq = self.cfg, self.cfg.max_length
+        """Micro-batches [mbs, seq] of prompt + response, right-padded; the loss covers the positions
+        that predict response tokens, where ``per_token`` values (one per response token) go.
+
+        seq is the longest sequence of the call rounded up to a multiple of 8 (one optimizer step's
+        micro-batches share it), or max_length at PP > 1, where the pipeline sends fixed-size
+        activations. Right padding changes no value at the real positions (causal attention)."""
+        cfg = self.cfg
+        prompts = [p[: cfg.max_prompt_length] for p in prompts]
+        responses = [y[: cfg.max_length + 1 - len(p)] for p, y in zip(prompts, responses)]
+        seq = cfg.max_length
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            longest = max((len(p) + len(y) - 1 for p, y in zip(prompts, responses)), default=1)
+            seq = min(seq, -(-longest // 8) * 8)
         batches = []
         for start in range(0, len(prompts), cfg.micro_batch_size):
             rows = range(start, min(start + cfg.micro_batch_size, len(prompts)))
@@ -141,7 +151,7 @@ class Trainer:
             mask = torch.zeros(len(rows), seq)
             extra = {name: torch.zeros(len(rows), seq) for name in per_token}
             for r, i in enumerate(rows):
-                p, y = prompts[i][: cfg.max_prompt_length], responses[i][: seq + 1 - min(len(prompts[i]), cfg.max_prompt_length)]
+                p, y = prompts[i], responses[i]
                 tokens[r, : len(p) + len(y)] = torch.tensor(p + y)
                 mask[r, len(p) - 1 : len(p) - 1 + len(y)] = 1
                 for name, values in per_token.items():
