@@ -124,7 +124,8 @@ def prepare(work: Path) -> dict:
     _run(sys.executable, "tools/preprocess_data.py", "instructions", "--input", str(train_file), "--tokenizer",
          str(teacher_hf), "--output-prefix", str(work / "data" / "selfinst"), "--template", "alpaca",
          "--max-prompt-length", str(MAX_PROMPT), "--max-length", str(MAX_PROMPT + NEW_TOKENS))  # fmt: skip
-    spec = {"train": [{"text": p.text, "ids": p.ids} for p in train], "heldout": [{"text": p.text, "ids": p.ids} for p in held]}
+    spec = {name: [{"text": p.text, "ids": p.ids} for p in group]
+            for name, group in (("train", train), ("heldout", held))}  # fmt: skip
     (work / "prompts.json").write_text(json.dumps(spec))
     return spec
 
@@ -253,9 +254,10 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict:
         metrics = iteration(i)
         total, cpu = time.perf_counter() - start, time.process_time() - cpu
         phases = dict(trainer.timers.seconds)  # rollout / score / train of this iteration (log_interval 1)
-        steps.append({"total": total, "cpu": cpu, "load": os.getloadavg()[0], "generation": phases.get("rollout", 0.0), "teacher forward + rewards":
-                      phases.get("score", 0.0), "train": phases.get("train", 0.0), **clock.take(),
-                      "response length": metrics.get("response length", 0.0), "peak_rss_gb": _peak_rss_gb()})  # fmt: skip
+        steps.append({"total": total, "cpu": cpu, "load": os.getloadavg()[0], "generation": phases.get("rollout", 0.0),
+                      "teacher forward + rewards": phases.get("score", 0.0), "train": phases.get("train", 0.0),
+                      **clock.take(), "response length": metrics.get("response length", 0.0),
+                      "peak_rss_gb": _peak_rss_gb()})  # fmt: skip
         return metrics
 
     trainer.iteration = timed_iteration
@@ -326,7 +328,8 @@ def worker_eval(work: Path, args: argparse.Namespace) -> dict:
             own["sum"], own["n"] = own["sum"] + total, own["n"] + n
             total, n = _reverse_kl(student, teacher, prompts, teacher_samples[s], pad)
             on_teacher["sum"], on_teacher["n"] = on_teacher["sum"] + total, on_teacher["n"] + n
-        results[name] = {"rkl_own_samples": own["sum"] / own["n"], "rkl_teacher_samples": on_teacher["sum"] / on_teacher["n"],
+        results[name] = {"rkl_own_samples": own["sum"] / own["n"],
+                         "rkl_teacher_samples": on_teacher["sum"] / on_teacher["n"],
                          "own_length": own["n"] / (len(prompts) * len(EVAL_SEEDS))}  # fmt: skip
         print(name, results[name], flush=True)
     return results
@@ -387,8 +390,8 @@ def main() -> None:
         for setting in ("equal", "full"):
             if setting in runs:
                 hf = f"ours-{setting}-hf"
-                _run(sys.executable, "tools/checkpoint/convert.py", "mcore-to-hf", "--ckpt", runs[setting]["checkpoint"],
-                     "--out", str(work / hf), "--overwrite")  # fmt: skip
+                _run(sys.executable, "tools/checkpoint/convert.py", "mcore-to-hf", "--ckpt",
+                     runs[setting]["checkpoint"], "--out", str(work / hf), "--overwrite")  # fmt: skip
                 models[setting] = hf
         kl = _worker(work, "eval", "--threads", str(args.threads), "--models", *models.values())
 
@@ -403,10 +406,12 @@ def main() -> None:
         lengths = run.get("response_length") or [s["response length"] for s in run["steps"]]
         print(f"| {names[key]} | {run['steps'][0]['total']:.2f} s | {_steady(run['steps']):.2f} s | "
               f"{_steady(run['steps'], 'cpu'):.2f} s | {_steady(run['steps'], 'load'):.1f} | "
-              f"{run.get('updates_per_step', 1)} | {sum(lengths) / len(lengths):.1f} | {run['peak_rss_gb']:.2f} GB |")  # fmt: skip
+              f"{run.get('updates_per_step', 1)} | {sum(lengths) / len(lengths):.1f} | "
+              f"{run['peak_rss_gb']:.2f} GB |")  # fmt: skip
     print("\nlater steps, wall seconds per phase (median of each; they need not add up exactly):\n")
     for key, run in runs.items():
-        phases = sorted({k for s in run["steps"] for k in s} - {"total", "cpu", "load", "response length", "train", "peak_rss_gb"})
+        not_phases = {"total", "cpu", "load", "response length", "train", "peak_rss_gb"}
+        phases = sorted({k for s in run["steps"] for k in s} - not_phases)
         known = sum(_steady(run["steps"], k) for k in phases)
         parts = [f"{k} {_steady(run['steps'], k):.2f}" for k in phases]
         print(f"- {names[key]}: total {_steady(run['steps']):.2f} = " + ", ".join(parts) +
