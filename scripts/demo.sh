@@ -4,8 +4,8 @@
 #   an 8-layer copy of it (the student) -> SFT on T0 instructions -> MiniLLM and word-level KD from
 #   the SFT student; teacher, SFT, KD and MiniLLM evaluated on held-out SelfInst prompts.
 #
-#   bash scripts/demo.sh            # ~40 min on 2 CPU cores
-#   bash scripts/demo.sh --quick    # the same pipeline, tiny budgets (~5 min): a smoke run
+#   bash scripts/demo.sh            # ~64 min measured on 2 shared CPU cores (docs/results.md)
+#   bash scripts/demo.sh --quick    # the same pipeline, tiny budgets (5-6 min): a smoke run
 #
 # Options: --quick, --out DIR (default runs/demo, or runs/demo-quick), --tp N (default 3: SmolLM2
 # has 9 heads and 3 KV heads, so TP=2 cannot split it; 3 ranks over gloo), --fresh (start over).
