@@ -98,6 +98,13 @@ def test_terms_scale_as_documented():
     # KV caches: student + teacher, 2 x layers x rollout micro-batch x max_length x KV heads/TP x head dim x 2 B
     kv = sum(2 * m.num_layers * 16 * 512 * m.num_query_groups // 4 * m.kv_channels * 2 for m in (teacher, student))
     assert b.terms["KV caches (rollouts)"] == kv
+    # policy_gradient=false drops the PPO term's gradient, one [tokens, V/TP] bf16 tensor. SmolLM2 (wide
+    # vocabulary, narrow hidden), no L_PT, an fp32 cache (its bf16 copy counts too): the MiniLLM
+    # micro-batch's loss sets the logits peak either way.
+    smol = resolve_model("smollm2-135m")
+    pg = replace(cfg, tp=1, pt_data=False, teacher_cache_dtype="fp32")
+    on, off = (plan_memory(smol, smol, replace(pg, policy_gradient=flag))[0] for flag in (True, False))
+    assert on.terms["logits + loss gradients"] - off.terms["logits + loss gradients"] == 4 * 512 * 49152 * 2
     (rc,) = plan_memory(teacher, student, replace(cfg, recompute=True))
     assert rc.terms["activations (train, in flight)"] < b.terms["activations (train, in flight)"] / 5
     # PP=2: the first stage holds 2 micro-batches in flight (1F1B), the last stage the logits and cache

@@ -32,7 +32,7 @@ from megatron_minillm.planning.memory import (
 # TrainConfig fields the planner reads from --config (same names).
 FROM_CONFIG = ("algorithm", "tp", "pp", "micro_batch_size", "global_batch_size", "max_prompt_length", "max_length",
                "rollout_batch_size", "rollout_micro_batch_size", "dtype", "teacher_cache_dtype", "recompute",
-               "single_step")  # fmt: skip
+               "single_step", "policy_gradient")  # fmt: skip
 
 
 def _config_values(path: str) -> dict:

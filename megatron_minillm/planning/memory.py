@@ -187,6 +187,7 @@ class PlanConfig:
     recompute: bool = False
     distributed_optimizer: bool = True
     single_step: bool = True
+    policy_gradient: bool = True  # the PPO term's token log-probs (a second loss on the same logits)
     pt_data: bool = True  # L_PT on: one pretraining micro-batch (with teacher logits) per rollout micro-batch
     make_vocab_size_divisible_by: int = 128
     # "cuda": fused Adam (no temporaries); "cpu": torch.optim.AdamW's per-tensor temporaries
@@ -270,7 +271,7 @@ def _loss_terms(cfg: PlanConfig, kind: str) -> int:
     if kind == "pt" or kind == "kd":
         return 2  # CE + forward KL
     if kind == "minillm":
-        return 2 if cfg.single_step else 1  # PPO term (token log-probs) + single-step reverse KL
+        return int(cfg.policy_gradient) + int(cfg.single_step)  # PPO term (token log-probs), single-step reverse KL
     return 1  # sft, seqkd, rkl_offpolicy
 
 
