@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from megatron_minillm.checkpoint.dist_checkpoint import atomic_directory, refuse_existing
+from megatron_minillm.checkpoint.dist_checkpoint import atomic_directory
 from megatron_minillm.checkpoint.hf_io import (
     NON_WEIGHT_SUFFIXES,
     HFWeights,
@@ -55,7 +55,6 @@ def make_student(
         raise ValueError(f"layers must be increasing indices in [0, {num_layers}), got {layers}")
     renumber = {old: new for new, old in enumerate(layers)}
     weights = HFWeights(hf_dir)
-    refuse_existing(out_dir, overwrite)
     with atomic_directory(out_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, "model", max_shard_bytes)
         for name in weights.keys():
