@@ -32,4 +32,5 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     start = time.monotonic()  # every step's output exists: a second run only prints the table
     again = demo()
     assert again.returncode == 0 and "| MiniLLM |" in again.stdout, again.stderr[-3000:]
-    assert "megatron_minillm.train" not in again.stderr and time.monotonic() - start < 60
+    assert "iteration " not in again.stdout and "generating" not in again.stderr  # no training, no evaluation
+    assert time.monotonic() - start < 60
