@@ -5,7 +5,7 @@
 #   the SFT student; teacher, SFT, KD and MiniLLM evaluated on held-out SelfInst prompts.
 #
 #   bash scripts/demo.sh            # ~64 min measured on 2 shared CPU cores (docs/results.md)
-#   bash scripts/demo.sh --quick    # the same pipeline, tiny budgets (5-6 min): a smoke run
+#   bash scripts/demo.sh --quick    # the same pipeline, tiny budgets (~4 min idle): a smoke run
 #
 # Options: --quick, --out DIR (default runs/demo, or runs/demo-quick), --tp N (default 3: SmolLM2
 # has 9 heads and 3 KV heads, so TP=2 cannot split it; 3 ranks over gloo), --fresh (start over).
