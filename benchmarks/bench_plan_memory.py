@@ -17,7 +17,7 @@ built; every allocation of >= 64 KiB is its own mmap (``GLIBC_TUNABLES``), so RS
 tensor memory and frees return at once (no caching allocator). The high-water mark is read and
 reset at phase boundaries (rollouts, scoring, training), so each phase has its own measured peak.
 The non-tensor part of RSS (RSS minus the bytes of every live tensor, at each phase start) is
-printed and subtracted before comparing. Prediction: ``plan_memory(..., device="cpu")`` for the
+printed and subtracted before comparing. Prediction: ``plan_memory(...)`` for the
 same sizes; the last line is one JSON (``max_rel_error`` on tensor memory, ``..._raw_rss`` on RSS).
 """
 
@@ -202,7 +202,7 @@ def worker(name: str) -> None:
                           global_batch_size=cfg.global_batch_size, max_prompt_length=cfg.max_prompt_length,
                           max_length=cfg.max_length, rollout_batch_size=cfg.rollout_batch_size,
                           rollout_micro_batch_size=cfg.rollout_micro_batch_size, dtype=cfg.dtype,
-                          distributed_optimizer=cfg.use_distributed_optimizer, device="cpu")  # fmt: skip
+                          distributed_optimizer=cfg.use_distributed_optimizer)  # fmt: skip
     stage = parallel_state.get_pipeline_model_parallel_rank()
     plan = next(b for b in plan_memory(teacher_arch, student_arch, plan_cfg) if b.stage == stage)
     ph = plan.phases

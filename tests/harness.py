@@ -84,8 +84,10 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     except queue.Empty:
         pass  # a rank never answered: reported as a timeout below
     finally:
+        # Ranks that answered get time to exit cleanly: a rank killed while exiting leaves its
+        # children behind (megatron's checkpoint writer starts a multiprocessing Manager process).
         for p in procs:
-            p.join(timeout=5 if len(outcome) == world_size else 0.1)
+            p.join(timeout=60 if len(outcome) == world_size else 0.1)
             if p.is_alive():
                 p.kill()
     errors = [f"rank {r}:\n{v}" for r, (s, v) in sorted(outcome.items()) if s == "error"]

@@ -1,5 +1,7 @@
 """Shared pieces of the parity tests: fixed micro-batches, the plain HF loss, logits comparison."""
 
+from functools import partial
+
 import torch
 from hf_zoo import VOCAB
 
@@ -37,10 +39,13 @@ def lm_loss_func(vocab_size: int, seen: list | None = None):
     from megatron_minillm.losses import masked_lm_loss
     from megatron_minillm.models import mask_padded_vocab
 
+    from megatron_minillm.training.schedule import at_logit_positions
+
     def loss_func(batch, logits):
         if seen is not None:
             seen.append(mask_padded_vocab(logits.detach(), vocab_size))
-        loss = masked_lm_loss(logits, batch["labels"], batch["loss_mask"], vocab_size)
+        pick = partial(at_logit_positions, batch)
+        loss = masked_lm_loss(logits, pick(batch["labels"]), pick(batch["loss_mask"]), vocab_size)
         return loss, {"lm loss": loss.detach().clone()}
 
     return loss_func

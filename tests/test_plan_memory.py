@@ -93,18 +93,21 @@ def test_terms_scale_as_documented():
     assert b.terms["optimizer state"] == pytest.approx(12 * n / 2, rel=1e-4)
     (no_dist,) = plan_memory(teacher, student, replace(cfg, distributed_optimizer=False))
     assert no_dist.terms["optimizer state"] == pytest.approx(2 * b.terms["optimizer state"], rel=1e-4)
-    # the rollout cache: rollout_batch / DP x max_length x V/TP x 2 bytes (V padded to a multiple of 128 x TP)
-    assert b.terms["teacher logits cache (rollouts)"] == 256 / 2 * 512 * 32256 / 4 * 2
+    # the rollout cache: rollout_batch / DP x response positions (max_length - max_prompt_length) x V/TP x 2
+    # bytes (V padded to a multiple of 128 x TP); the L_PT step cache: every position of global_batch / DP
+    assert b.terms["teacher logits cache (rollouts)"] == 256 / 2 * (512 - 256) * 32256 / 4 * 2
+    assert b.terms["teacher logits cache (L_PT/KD step)"] == 16 / 2 * 512 * 32256 / 4 * 2
     # KV caches: student + teacher, 2 x layers x rollout micro-batch x max_length x KV heads/TP x head dim x 2 B
     kv = sum(2 * m.num_layers * 16 * 512 * m.num_query_groups // 4 * m.kv_channels * 2 for m in (teacher, student))
     assert b.terms["KV caches (rollouts)"] == kv
-    # policy_gradient=false drops the PPO term's gradient, one [tokens, V/TP] bf16 tensor. SmolLM2 (wide
+    # policy_gradient=false drops the PPO term's gradient, one [response tokens, V/TP] bf16 tensor (a
+    # micro-batch of 4 responses of max_length - max_prompt_length = 256 positions). SmolLM2 (wide
     # vocabulary, narrow hidden), no L_PT, an fp32 cache (its bf16 copy counts too): the MiniLLM
     # micro-batch's loss sets the logits peak either way.
     smol = resolve_model("smollm2-135m")
     pg = replace(cfg, tp=1, pt_data=False, teacher_cache_dtype="fp32")
     on, off = (plan_memory(smol, smol, replace(pg, policy_gradient=flag))[0] for flag in (True, False))
-    assert on.terms["logits + loss gradients"] - off.terms["logits + loss gradients"] == 4 * 512 * 49152 * 2
+    assert on.terms["logits + loss gradients"] - off.terms["logits + loss gradients"] == 4 * 256 * 49152 * 2
     (rc,) = plan_memory(teacher, student, replace(cfg, recompute=True))
     assert rc.terms["activations (train, in flight)"] < b.terms["activations (train, in flight)"] / 5
     # PP=2: the first stage holds 2 micro-batches in flight (1F1B), the last stage the logits and cache

@@ -57,6 +57,25 @@ def test_megatron_grad_clipping_runs_on_cpu():
     assert torch.allclose(p.grad, torch.tensor([0.6, 0.8, 0.0]), atol=1e-6)
 
 
+def test_megatron_adam_is_fused_on_cpu_and_steps_like_torch_adamw():
+    from megatron.core import optimizer
+
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(i))) for i in range(2)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = optimizer.torch.optim.AdamW(params, lr=0.1, weight_decay=0.1)  # what megatron builds on CPU
+    plain = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.1)
+    assert isinstance(ours, torch.optim.AdamW) and ours.param_groups[0]["fused"] is True
+    assert optimizer.torch.optim.AdamW(params, fused=False).param_groups[0]["fused"] is False
+    assert optimizer.torch.optim.SGD is torch.optim.SGD
+    for step in range(3):
+        for p, r in zip(params, reference):
+            p.grad = r.grad = torch.full_like(p, 0.5 - step)
+        ours.step()
+        plain.step()
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p, r)
+
+
 def test_rng_tracker_forks_cpu_generator():
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

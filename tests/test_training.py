@@ -1,4 +1,5 @@
-"""Megatron DDP + optimizer on CPU/gloo: a few steps equal an unsharded HF + torch.optim.AdamW run."""
+"""Megatron DDP + optimizer on CPU/gloo: a few steps equal an unsharded HF + torch.optim.AdamW run;
+logits computed only at the loss positions give the same losses and gradients as full logits."""
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ from parity import hf_loss, lm_loss_func, micro_batches
 
 STEPS = 4
 LR, BETAS, EPS, WD, CLIP = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
-# (tp, pp, use_distributed_optimizer, overlap_grad_reduce, dtype)
-RUNS = [(2, 1, True, False, "fp32"), (1, 2, False, True, "fp32"), (2, 2, True, True, "fp32"),
-        (2, 1, True, False, "bf16")]  # fmt: skip
+# (tp, pp, use_distributed_optimizer, overlap_grad_reduce, dtype, logits at the loss positions only)
+RUNS = [(2, 1, True, False, "fp32", False), (1, 2, False, True, "fp32", True), (2, 2, True, True, "fp32", True),
+        (2, 1, True, False, "bf16", False)]  # fmt: skip
 # fp32 must match the unsharded run to rounding; bf16 params (fp32 main params and grads) only closely.
 TOLERANCE = {"fp32": dict(atol=2e-6, rtol=1e-5), "bf16": dict(atol=0.0, rtol=1e-2)}
 
@@ -44,6 +45,7 @@ def _train(family: str) -> list[list[float]]:
     from megatron_minillm.models import architecture_from_dict, build_model
     from megatron_minillm.parallel import init_distributed
     from megatron_minillm.training import setup_model_and_optimizer, train_step
+    from megatron_minillm.training.schedule import logit_positions
 
     hf = hf_model(family)
     arch = architecture_from_dict(hf.config.to_dict())
@@ -53,7 +55,7 @@ def _train(family: str) -> list[list[float]]:
     expected = _reference_losses(family, per_step)
 
     results = []
-    for tp, pp, dist_opt, overlap, dtype in RUNS:
+    for tp, pp, dist_opt, overlap, dtype, at_positions in RUNS:
         layout = init_distributed(tp=tp, pp=pp)
         model = build_model(arch, dtype=dtype)
         load_full_tensors(model, full)
@@ -68,6 +70,8 @@ def _train(family: str) -> list[list[float]]:
         losses = []
         for batches in per_step:
             mine = batches[dp_rank :: layout.dp]
+            if at_positions:
+                mine = [{**b, "logit_positions": logit_positions(b["loss_mask"])} for b in mine]
             metrics, _ = train_step(ddp, optimizer, scheduler, mine, lm_loss_func(arch.vocab_size))
             local = torch.tensor(
                 [sum(m["lm loss"].item() for m in metrics) / len(mine) if metrics else 0.0]
@@ -79,7 +83,8 @@ def _train(family: str) -> list[list[float]]:
             losses.append(local.item() / layout.dp)
         torch.testing.assert_close(
             torch.tensor(losses), torch.tensor(expected), **TOLERANCE[dtype],
-            msg=lambda m: f"TP{tp} PP{pp} distopt={dist_opt} {dtype}: {losses} vs {expected}: {m}",
+            msg=lambda m: f"TP{tp} PP{pp} distopt={dist_opt} {dtype} at positions {at_positions}: {losses} vs "
+                          f"{expected}: {m}",
         )  # fmt: skip
         results.append(losses)
         if (tp, pp) == (2, 2):
@@ -107,3 +112,53 @@ def test_optimizer_steps_match_unsharded_adamw():
     results = run_distributed(_train, 4, "llama")
     for losses in results[0]:
         assert losses[-1] < losses[0], "the loss should go down over the steps"
+
+
+def _trainer_loss_at_positions() -> None:
+    """Trainer._loss of every kind: compact logits [1, n, V/TP] with picked per-token tensors give the
+    loss, metrics and logit gradients of the full [b, s, V/TP] logits (TP=2: vocab slices)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from megatron_minillm.parallel import init_distributed
+    from megatron_minillm.training.config import TrainConfig
+    from megatron_minillm.training.schedule import logit_positions, scatter_logit_positions
+    from megatron_minillm.training.trainer import Trainer
+
+    init_distributed(tp=2, pp=1)
+    rank, vocab, padded, (b, s) = parallel_state.get_tensor_model_parallel_rank(), 50, 64, (3, 10)
+    gen = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(2, b, s, padded, generator=gen).split(padded // 2, dim=-1)[rank].unbind(0)
+    mask = torch.zeros(b, s)
+    for row, (start, end) in enumerate(((2, 9), (0, 4), (5, 10))):
+        mask[row, start:end] = 1
+    per_token = {name: torch.rand(b, s, generator=gen) * mask for name in ("log_q_old", "weight", "advantages")}
+    per_token["log_q_old"] = per_token["log_q_old"].log()
+    tokens, labels = torch.randint(0, vocab, (2, b, s), generator=gen)
+    base = {"tokens": tokens, "labels": labels, "loss_mask": mask, "scale": 0.37, **per_token}
+    positions = logit_positions(mask)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # without the path checks
+    picked = {"tokens": tokens, "logit_positions": positions}
+    assert torch.equal(scatter_logit_positions(picked, labels.flatten()[positions][None]), labels * mask.long())
+    for kind in ("minillm", "kd", "sft", "rkl_offpolicy"):
+        cfg = SimpleNamespace(**{**defaults, "algorithm": kind, "lm_coef": 1.0})
+        stub = SimpleNamespace(cfg=cfg, arch=SimpleNamespace(vocab_size=vocab))
+        full_logits = student.clone().requires_grad_()
+        loss, metrics = Trainer._loss(stub, {**base, "kind": kind, "teacher_logits": teacher}, full_logits)
+        loss.backward()
+        compact_logits = student.flatten(0, 1)[positions][None].clone().requires_grad_()
+        compact = {**base, "kind": kind, "teacher_logits": teacher.flatten(0, 1)[positions][None],
+                   "logit_positions": positions}  # fmt: skip
+        loss_c, metrics_c = Trainer._loss(stub, compact, compact_logits)
+        loss_c.backward()
+        torch.testing.assert_close(loss_c, loss, msg=lambda m: f"{kind}: {m}")
+        assert metrics_c.keys() == metrics.keys() and len(metrics) >= 1
+        torch.testing.assert_close(compact_logits.grad[0], full_logits.grad.flatten(0, 1)[positions])
+        assert full_logits.grad.flatten(0, 1)[mask.flatten() == 0].abs().max() == 0
+    parallel_state.destroy_model_parallel()
+
+
+def test_trainer_loss_at_logit_positions_equals_full_logits():
+    run_distributed(_trainer_loss_at_positions, 2)

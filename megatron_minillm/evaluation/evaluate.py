@@ -37,7 +37,7 @@ from megatron_minillm.losses import forward_kl, reverse_kl
 from megatron_minillm.models import Architecture, load_architecture, mask_padded_vocab
 from megatron_minillm.sampling import SamplingParams, generate_all
 from megatron_minillm.sampling import vocab_parallel as vp
-from megatron_minillm.training.schedule import Batch, forward_backward
+from megatron_minillm.training.schedule import Batch, at_logit_positions, forward_backward, logit_positions
 
 logger = logging.getLogger(__name__)
 
@@ -155,13 +155,14 @@ def generate_responses(
     return Responses(cfg.seeds, tokens, texts)
 
 
-# (vocab-parallel logits [b, s, V/TP], the teacher's or None, micro-batch) -> name -> values [n] at
-# the n positions where batch["loss_mask"] is 1, in row-major order
+# (vocab-parallel logits [1, n, V/TP] at the n positions where batch["loss_mask"] is 1, in row-major
+# order (the batch's "logit_positions"), the teacher's or None, micro-batch) -> name -> values [n]
 TokenStats = Callable[[Tensor, Optional[Tensor], Batch], dict[str, Tensor]]
 
 
 def _micro_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Batch:
-    """Right-padded prompt + response; the loss mask marks the positions that predict response tokens."""
+    """Right-padded prompt + response; the loss mask marks the positions that predict response tokens
+    (the only positions whose logits the models compute)."""
     width = max(len(p) + len(r) for p, r in pairs)
     ids = torch.zeros(len(pairs), width, dtype=torch.long)
     loss_mask = torch.zeros(len(pairs), width - 1)
@@ -169,7 +170,8 @@ def _micro_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Batch:
         ids[row, : len(prompt) + len(response)] = torch.tensor([*prompt, *response])
         loss_mask[row, len(prompt) - 1 : len(prompt) + len(response) - 1] = 1
     positions = torch.arange(width - 1).expand(len(pairs), width - 1)
-    return {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": loss_mask, "position_ids": positions}
+    return {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": loss_mask, "position_ids": positions,
+            "logit_positions": logit_positions(loss_mask)}
 
 
 def _last_stage(
@@ -214,11 +216,9 @@ def token_stats(
 
 
 def _divergences(vocab_size: int) -> TokenStats:
-    def stats(logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
-        mask = batch["loss_mask"].bool()
+    def stats(logits: Tensor, teacher_logits: Optional[Tensor], _: Batch) -> dict[str, Tensor]:
         kl = {"reverse_kl": reverse_kl, "forward_kl": forward_kl}
-        return {name: f(logits, teacher_logits, mask, vocab_size=vocab_size, reduction="none")[mask]
-                for name, f in kl.items()}  # fmt: skip
+        return {name: f(logits, teacher_logits, vocab_size=vocab_size, reduction="none")[0] for name, f in kl.items()}
 
     return stats
 
@@ -227,11 +227,11 @@ def _confidence(vocab_size: int) -> TokenStats:
     """Max next-token probability and whether its argmax is the target, vocab-parallel."""
 
     def stats(logits: Tensor, _: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
-        mask = batch["loss_mask"].bool()
-        rows = mask_padded_vocab(logits, vocab_size)[mask].float()
+        rows = mask_padded_vocab(logits, vocab_size)[0].float()
         predicted = vp.argmax(rows)
         confidence = vp.gather_ids(vp.log_softmax(rows), predicted).exp()
-        return {"confidence": confidence, "correct": (predicted == batch["labels"][mask]).float()}
+        labels = at_logit_positions(batch, batch["labels"])[0]
+        return {"confidence": confidence, "correct": (predicted == labels).float()}
 
     return stats
 

@@ -190,8 +190,6 @@ class PlanConfig:
     policy_gradient: bool = True  # the PPO term's token log-probs (a second loss on the same logits)
     pt_data: bool = True  # L_PT on: one pretraining micro-batch (with teacher logits) per rollout micro-batch
     make_vocab_size_divisible_by: int = 128
-    # "cuda": fused Adam (no temporaries); "cpu": torch.optim.AdamW's per-tensor temporaries
-    device: str = "cuda"
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size", "rollout_batch_size",
@@ -202,8 +200,6 @@ class PlanConfig:
             raise PlanError(f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length})")
         if self.dtype not in DTYPE_BYTES or self.teacher_cache_dtype not in ("fp32", "bf16"):
             raise PlanError(f"dtype {self.dtype!r} / teacher_cache_dtype {self.teacher_cache_dtype!r}: fp32 or bf16")
-        if self.device not in ("cuda", "cpu"):
-            raise PlanError(f"device {self.device!r} is not cuda or cpu")
 
     @property
     def world_size(self) -> int:
@@ -275,6 +271,16 @@ def _loss_terms(cfg: PlanConfig, kind: str) -> int:
     return 1  # sft, seqkd, rkl_offpolicy
 
 
+def _logit_positions(cfg: PlanConfig, kind: str) -> int:
+    """Positions per sample whose logits a micro-batch of ``kind`` computes (the trainer computes the
+    output layer at the loss positions only): sampled responses have at most max_length -
+    max_prompt_length tokens, a dataset's response fills at most the whole sequence (a 1-token
+    prompt: the worst case), L_PT uses every position."""
+    if kind in ("minillm", "seqkd"):
+        return cfg.max_length - cfg.max_prompt_length
+    return cfg.max_length
+
+
 def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg: PlanConfig,
                      stage: int) -> MemoryBreakdown:  # fmt: skip
     tp, pp, dp, B = cfg.tp, cfg.pp, cfg.dp, DTYPE_BYTES[cfg.dtype]
@@ -295,7 +301,10 @@ def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg
     mbs, seq = cfg.micro_batch_size, cfg.max_length
     tokens = mbs * seq
     local_batch = cfg.global_batch_size // dp
-    transpose_copy = 1 if mbs > 1 else 0  # GPTModel returns logits.transpose(0, 1).contiguous()
+    # Logits at all positions (L_PT): GPTModel returns logits.transpose(0, 1).contiguous(), a copy;
+    # at the loss positions the logits are [1, n, V/TP] already.
+    transpose_copy = {"pt": 1 if mbs > 1 else 0}
+    positions = {kind: _logit_positions(cfg, kind) for kind in ("pt", cfg.algorithm)}
 
     terms: dict[str, float] = {
         "student weights": B * n_student,
@@ -308,10 +317,11 @@ def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg
     # ---- teacher logits kept on the last stage
     rollout_cache = 0.0
     if minillm and cfg.single_step and teacher:
-        rollout_cache = cfg.rollout_batch_size / dp * seq * vocab_s * cache_B
+        rollout_cache = cfg.rollout_batch_size / dp * positions["minillm"] * vocab_s * cache_B
     step_cache = 0.0
     if teacher and (cfg.algorithm in ("kd", "rkl_offpolicy") or (minillm and cfg.pt_data)):
-        step_cache = local_batch * seq * vocab_s * cache_B  # one optimizer step's L_PT (or KD) batches
+        step_kind = "pt" if minillm else cfg.algorithm  # one optimizer step's L_PT (or KD) batches
+        step_cache = local_batch * positions[step_kind] * vocab_s * cache_B
     if not last:
         rollout_cache = step_cache = 0.0
     terms["teacher logits cache (rollouts)"] = rollout_cache
@@ -341,15 +351,17 @@ def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg
     # the student's dtype (when the cache dtype differs), and one gradient per loss term.
     logits_peak = 0.0
     if last:
-        L = tokens * vocab_s * B
         kinds = ["minillm", "pt"] if minillm and cfg.pt_data and teacher else [cfg.algorithm]
         uses_teacher = {"minillm": cfg.single_step, "pt": True, "kd": True, "rkl_offpolicy": True}
-        candidates = [L * (1 + transpose_copy)]  # forward: [s, b, V/TP] and its [b, s, V/TP] copy
+        candidates = []
         for kind in kinds:
+            n = mbs * positions[kind]
+            L, copy = n * vocab_s * B, transpose_copy.get(kind, 0)
+            candidates.append(L * (1 + copy))  # forward: the logits (and their [b, s, V/TP] copy)
             up = L if teacher and uses_teacher.get(kind, False) and cache_B != B else 0.0
             candidates.append(L + up + _loss_terms(cfg, kind) * L + LOSS_CHUNK_WORKSPACE)
-        # output layer backward: the gradient, its contiguous [s, b] copy, grad weight and grad input
-        candidates.append(L * (1 + transpose_copy) + B * (vocab_s + tokens) * student.hidden_size)
+            # output layer backward: the gradient (and its contiguous copy), grad weight and grad input
+            candidates.append(L * (1 + copy) + B * (vocab_s + n) * student.hidden_size)
         logits_peak = max(candidates)
     terms["logits + loss gradients"] = logits_peak
 
@@ -371,37 +383,32 @@ def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg
     score = score_pt = 0.0
     if teacher and cfg.algorithm not in ("sft", "seqkd"):
         layer = _forward_only_layer_bytes(teacher, tokens, tp, B)
-        L_t, entry = tokens * vocab_s * B, tokens * vocab_s * cache_B
 
-        def scoring(cached: float, log_p: bool) -> float:
-            """Peak while scoring the last micro-batch with ``cached`` bytes already in the cache:
-            its logits and their transposed copy, then the cache copy (+ an fp32 copy for log p)."""
+        def scoring(kind: str, cached: float, log_p: bool) -> float:
+            """Peak while scoring the last micro-batch of ``kind`` with ``cached`` bytes of earlier
+            micro-batches in the cache: its logits (and their transposed copy), then the cache copy
+            (+ an fp32 copy for log p)."""
             if not last:
                 return layer
-            fp32_copy = tokens * vocab_s * 4 if log_p and B < 4 else 0.0
-            return max(layer, cached + L_t * (1 + transpose_copy), cached + entry + L_t + fp32_copy)
+            n = mbs * positions[kind]
+            L_t, entry = n * vocab_s * B, n * vocab_s * cache_B
+            fp32_copy = n * vocab_s * 4 if log_p and B < 4 else 0.0
+            cached = max(cached - entry, 0.0)
+            return max(layer, cached + L_t * (1 + transpose_copy.get(kind, 0)), cached + entry + L_t + fp32_copy)
 
         if minillm:
-            score = scoring(rollout_cache - entry, log_p=True) if rollout_cache else scoring(0.0, log_p=True)
+            score = scoring("minillm", rollout_cache, log_p=True)
             if step_cache:
-                score_pt = rollout_cache + scoring(step_cache - entry, log_p=False)
+                score_pt = rollout_cache + scoring("pt", step_cache, log_p=False)
         else:
-            score_pt = scoring(step_cache - entry, log_p=False)
-
-    # ---- optimizer step temporaries (CPU: torch AdamW per tensor, sqrt + division of exp_avg_sq)
-    step_temp = 0.0
-    if cfg.device == "cpu":
-        shard = dp if cfg.distributed_optimizer else 1
-        largest = max(n for _, n in stage_tensors(student, tp, pp, stage, cfg.make_vocab_size_divisible_by))
-        step_temp = 2 * 4 * largest / shard
-    terms["optimizer step temporaries"] = step_temp
+            score_pt = scoring(cfg.algorithm, step_cache, log_p=False)
 
     phases = {
         "rollout": persistent + kv + prefill if kv else persistent,
         "score": persistent + score,
         "score (L_PT/KD, per step)": persistent + score_pt,
         "train": persistent + rollout_cache + step_cache + activations + logits_peak,
-        "optimizer step": persistent + rollout_cache + step_cache + step_temp,
+        "optimizer step": persistent + rollout_cache + step_cache,  # fused Adam: no temporaries
     }
     if pp > 1:
         notes.append(f"stage {stage}: {in_flight} micro-batch(es) in flight under 1F1B")

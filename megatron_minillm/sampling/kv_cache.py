@@ -7,8 +7,7 @@ inference context GPTModel always gathers the vocabulary, so the last stage runs
 itself on this rank's slice).
 """
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -18,16 +17,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import unwrap_model
 from torch import Tensor
 
-
-@contextmanager
-def _decoder_output_only(model: GPTModel) -> Iterator[None]:
-    """Make the last stage return the decoder's hidden states instead of gathered logits."""
-    post_process = model.post_process
-    model.post_process = False
-    try:
-        yield
-    finally:
-        model.post_process = post_process
+from megatron_minillm.models.logits import decoder_output_only, output_logits
 
 
 class KVCacheDecoder:
@@ -56,12 +46,10 @@ class KVCacheDecoder:
             hidden = torch.empty(new, batch, self.model.config.hidden_size, dtype=self.dtype)
             comm.recv_from_prev_pipeline_rank_(hidden)
             self.model.set_input_tensor(hidden)
-        with _decoder_output_only(self.model):
+        with decoder_output_only(self.model):
             out = self.model(tokens, position_ids, masked, inference_context=self.context, runtime_gather_output=True)
         self.context.sequence_len_offset += new
         if not self.is_last:
             comm.send_to_next_pipeline_rank(out.contiguous())
             return None
-        weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights else None
-        logits, _ = self.model.output_layer(out[-1:], weight=weight, runtime_gather_output=False)
-        return logits[0]
+        return output_logits(self.model, out[-1:])[0]

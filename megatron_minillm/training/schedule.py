@@ -10,14 +10,44 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_minillm.models.logits import logits_at
+
+# A micro-batch: "tokens", "position_ids" [b, s], optional "attention_mask", and for the loss whatever
+# it reads. With "logit_positions" [n] (flat indices into [b, s], see :func:`logit_positions`) the
+# last stage computes the logits at those positions only, as [1, n, V/TP]: pick per-token tensors
+# the same way with :func:`at_logit_positions`.
 Batch = dict[str, torch.Tensor]
-# (micro-batch, vocab-parallel logits [b, s, V/TP]) -> (scalar loss, metrics to report)
+# (micro-batch, vocab-parallel logits [b, s, V/TP] or [1, n, V/TP]) -> (scalar loss, metrics to report)
 LossFunc = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def logit_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """The flat [b, s] indices where ``loss_mask`` is non-zero, row-major."""
+    return loss_mask.reshape(-1).nonzero().squeeze(1)
+
+
+def at_logit_positions(batch: Batch, values: torch.Tensor) -> torch.Tensor:
+    """Per-token ``values`` [b, s, ...] in the layout of the batch's logits: [1, n, ...] at its
+    "logit_positions", unchanged without them."""
+    positions = batch.get("logit_positions")
+    return values if positions is None else values.flatten(0, 1)[positions].unsqueeze(0)
+
+
+def scatter_logit_positions(batch: Batch, values: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`at_logit_positions` for [1, n] values: [b, s], 0 elsewhere."""
+    positions = batch.get("logit_positions")
+    if positions is None:
+        return values
+    out = values.new_zeros(batch["tokens"].numel())
+    out[positions] = values[0]
+    return out.view_as(batch["tokens"])
 
 
 def _forward_step(loss_func: LossFunc, data: Iterator[Batch], model: torch.nn.Module):
     batch = next(data)
-    logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    positions = batch.get("logit_positions")
+    logits = model(*args) if positions is None else logits_at(model, *args, positions)
     return logits, partial(loss_func, batch)
 
 

@@ -20,6 +20,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import torch
@@ -38,7 +39,14 @@ from megatron_minillm.sampling import SamplingParams, generate, sample_seeds
 from megatron_minillm.training.config import ConfigError, TrainConfig
 from megatron_minillm.training.optimizer import setup_model_and_optimizer
 from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
-from megatron_minillm.training.schedule import Batch, forward_backward, train_step
+from megatron_minillm.training.schedule import (
+    Batch,
+    at_logit_positions,
+    forward_backward,
+    logit_positions,
+    scatter_logit_positions,
+    train_step,
+)
 
 log = logging.getLogger("megatron_minillm.train")
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -132,7 +140,8 @@ class Trainer:
     def _pack(self, prompts: list[list[int]], responses: list[list[int]], kind: Optional[str] = None,
               **per_token: list[list[float]]) -> list[Batch]:  # fmt: skip
         """Micro-batches [mbs, seq] of prompt + response, right-padded; the loss covers the positions
-        that predict response tokens, where ``per_token`` values (one per response token) go.
+        that predict response tokens, where ``per_token`` values (one per response token) go, and
+        the models compute logits only there ("logit_positions").
 
         seq is the longest sequence of the call rounded up to a multiple of 8 (one optimizer step's
         micro-batches share it), or max_length at PP > 1, where the pipeline sends fixed-size
@@ -157,8 +166,8 @@ class Trainer:
                 for name, values in per_token.items():
                     extra[name][r, len(p) - 1 : len(p) - 1 + len(y)] = torch.tensor(values[i][: len(y)])
             batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
-                            "position_ids": torch.arange(seq).expand(len(rows), seq), "kind": kind or cfg.algorithm,
-                            **extra})  # fmt: skip
+                            "logit_positions": logit_positions(mask), "kind": kind or cfg.algorithm,
+                            "position_ids": torch.arange(seq).expand(len(rows), seq), **extra})  # fmt: skip
         return batches
 
     def _pretrain_batches(self, step: int, count: int) -> list[Batch]:
@@ -175,16 +184,19 @@ class Trainer:
         return batches
 
     def _score_with_teacher(self, batches: list[Batch], keep_logits: bool, token_log_p: bool) -> None:
-        """One teacher forward over ``batches``; on the last stage store its logits (cache dtype) and/or
-        its raw log p(label) (temperature 1: the reward uses the teacher as is)."""
+        """One teacher forward over ``batches``; on the last stage store its logits (cache dtype, at
+        the batch's logit positions) and/or its raw log p(label) [b, s] (temperature 1: the reward
+        uses the teacher as is)."""
         cfg = self.cfg
 
         def stash(batch: Batch, logits: torch.Tensor):
             if keep_logits:
                 batch["teacher_logits"] = logits.detach().to(CACHE_DTYPES[cfg.teacher_cache_dtype])
             if token_log_p:
-                batch["log_p"] = token_log_probs(logits.detach().float(), batch["labels"], batch["loss_mask"],
-                                                 vocab_size=self.arch.vocab_size)  # fmt: skip
+                pick = partial(at_logit_positions, batch)
+                log_p = token_log_probs(logits.detach().float(), pick(batch["labels"]), pick(batch["loss_mask"]),
+                                        vocab_size=self.arch.vocab_size)  # fmt: skip
+                batch["log_p"] = scatter_logit_positions(batch, log_p)
             return logits.new_zeros(()), {}
 
         with torch.no_grad():
@@ -196,20 +208,22 @@ class Trainer:
     def _loss(self, batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-token terms summed and divided by the step's token count over all micro-batches and DP
         ranks (``batch["scale"]``, see :meth:`_normalize`): the gradient is the token mean of the whole
-        optimizer step, whatever the micro-batch size or DP layout."""
-        cfg, vocab, mask, scale = self.cfg, self.arch.vocab_size, batch["loss_mask"], batch["scale"]
+        optimizer step, whatever the micro-batch size or DP layout. Per-token tensors are picked at
+        the logit positions (the logits' layout)."""
+        cfg, vocab, scale, pick = self.cfg, self.arch.vocab_size, batch["scale"], partial(at_logit_positions, batch)
+        mask, labels = pick(batch["loss_mask"]), pick(batch["labels"])
         kind = batch.get("kind", cfg.algorithm)
         teacher = batch["teacher_logits"].to(logits.dtype) if "teacher_logits" in batch else None
         terms: dict[str, torch.Tensor] = {}
         if kind in ("pt", "kd", "sft", "seqkd"):
-            terms["lm loss"] = -token_log_probs(logits, batch["labels"], mask, vocab_size=vocab)
+            terms["lm loss"] = -token_log_probs(logits, labels, mask, vocab_size=vocab)
         if kind in ("pt", "kd"):
             terms["kd loss"] = forward_kl(logits, teacher, mask, vocab_size=vocab)
         if kind == "minillm":
             if cfg.policy_gradient:
-                log_q = token_log_probs(logits, batch["labels"], mask, temperature=cfg.temperature, vocab_size=vocab)
-                terms["pg loss"] = minillm.ppo_clipped_loss(log_q, batch["log_q_old"], batch["weight"],
-                                                            batch["advantages"], mask, cfg.clip_eps)  # fmt: skip
+                log_q = token_log_probs(logits, labels, mask, temperature=cfg.temperature, vocab_size=vocab)
+                terms["pg loss"] = minillm.ppo_clipped_loss(log_q, pick(batch["log_q_old"]), pick(batch["weight"]),
+                                                            pick(batch["advantages"]), mask, cfg.clip_eps)  # fmt: skip
             if cfg.single_step:  # L_Single: the full-vocabulary reverse KL at every response position
                 terms["single-step loss"] = reverse_kl(logits, teacher, mask, temperature=cfg.temperature,
                                                        vocab_size=vocab)  # fmt: skip
