@@ -80,7 +80,6 @@ def main() -> int:
     parser.add_argument("--recompute", action="store_true", default=None, help="full activation recomputation")
     parser.add_argument("--no-distributed-optimizer", action="store_true")
     parser.add_argument("--no-pt-data", action="store_true", help="MiniLLM without L_PT")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--max-suggestions", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     args = parser.parse_args()
@@ -104,7 +103,6 @@ def _run(args: argparse.Namespace) -> int:
         values["distributed_optimizer"] = False
     if args.no_pt_data:
         values["pt_data"] = False
-    values["device"] = args.device
     if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_memory_gb <= 0:
         raise PlanError("--nodes, --gpus-per-node and --gpu-memory-gb must be positive")
     student = resolve_model(args.student)
