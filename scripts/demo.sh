@@ -89,7 +89,7 @@ step "7. evaluation on $EVAL_PROMPTS held-out SelfInst prompts, seeds $SEEDS"
 [ -f "$OUT/eval/results.md" ] || "${RUN[@]}" tools/evaluate.py --tp "$TP" --teacher "$OUT/teacher" \
   --load "$SFT" --load "$(last_checkpoint "$OUT/minillm")" --load "$(last_checkpoint "$OUT/kd")" \
   --name SFT --name MiniLLM --name KD --data "$OUT/data/selfinst_eval.jsonl" --template chat \
-  --seeds $SEEDS --max-new-tokens "$EVAL_NEW_TOKENS" --batch-size 8 --output-dir "$OUT/eval"
+  --seeds $SEEDS --max-new-tokens "$EVAL_NEW_TOKENS" --batch-size 16 --output-dir "$OUT/eval"
 
 step "done: $OUT/eval/results.md (table), $OUT/eval/*.png (plots), $OUT/eval/responses.jsonl"
 cat "$OUT/eval/results.md"
