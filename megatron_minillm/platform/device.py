@@ -35,6 +35,9 @@ def setup_platform(local_rank: int = 0) -> torch.device:
     # megatron-core 0.16.1 calls torch.distributed APIs that torch 2.13 deprecated (reduce_scatter_tensor,
     # ShardedTensor, ...): a FutureWarning per call and rank, on GPU and CPU alike, none about our code.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed|megatron\.core)\.")
+    # megatron's zero_grad reads `.grad` of the distributed optimizer's shard views (non-leaf by design).
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf",
+                            module=r"megatron\.core\.")  # fmt: skip
     if is_cuda():
         torch.cuda.set_device(local_rank)
     else:
