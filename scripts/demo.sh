@@ -4,7 +4,7 @@
 #   an 8-layer copy of it (the student) -> SFT on T0 instructions -> MiniLLM and word-level KD from
 #   the SFT student; teacher, SFT, KD and MiniLLM evaluated on held-out SelfInst prompts.
 #
-#   bash scripts/demo.sh            # ~64 min measured on 2 shared CPU cores (docs/results.md)
+#   bash scripts/demo.sh            # 35 min measured on 2 idle CPU cores (docs/results.md)
 #   bash scripts/demo.sh --quick    # the same pipeline, tiny budgets (~4 min idle): a smoke run
 #
 # Options: --quick, --out DIR (default runs/demo, or runs/demo-quick), --tp N (default 3: SmolLM2
