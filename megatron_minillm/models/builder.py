@@ -105,6 +105,10 @@ def transformer_config(arch: Architecture, dtype: str = "fp32", **overrides: Any
         use_cpu_initialization=True,
     )
     kwargs.update(overrides)
+    if kwargs.get("sequence_parallel"):
+        # models/logits.py picks output positions from the full [s, b, h] sequence of the last stage.
+        raise LayoutError("sequence_parallel=True is not supported: the output layer runs at positions picked "
+                          "from the full sequence (models/logits.py)")
     return TransformerConfig(**kwargs)
 
 

@@ -29,9 +29,8 @@ def decoder_output_only(model: GPTModel) -> Iterator[None]:
 
 
 def output_logits(model: GPTModel, hidden: Tensor) -> Tensor:
-    """This rank's vocabulary slice of the logits of ``hidden`` [s, b, h]: [s, b, V/TP]."""
-    if model.config.sequence_parallel:
-        raise NotImplementedError("picking logit positions needs the full sequence: sequence parallelism is off")
+    """This rank's vocabulary slice of the logits of ``hidden`` [s, b, h]: [s, b, V/TP] (no sequence
+    parallelism: ``builder.transformer_config`` refuses it)."""
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=False)
     return logits
