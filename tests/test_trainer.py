@@ -137,3 +137,43 @@ def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(setup, tmp_path)
     rows = {m["name"]: m["metrics"] for m in json.loads((out / "results.json").read_text())["models"]}
     rkl = {name: rows[name]["rkl@student"]["mean"] for name in ("initial", "minillm", "sft")}
     assert rkl["minillm"] < 0.8 * rkl["initial"] and rkl["minillm"] < rkl["sft"], rkl
+
+
+# The logged numbers of a fixed short run of every algorithm at TP=2 x PP=2, recorded before the
+# training code was reorganised into objectives (issue 17): the reorganisation must not change them.
+LOGGED_NUMBERS = Path(__file__).parent / "data" / "logged_numbers_tp2pp2.json"
+FIXED_RUNS = {
+    "minillm": ["train_iters=2", "ppo_epochs=2"],
+    "sft": ["train_iters=3"],
+    "kd": ["train_iters=3"],
+    "seqkd": ["train_iters=3"],
+    "rkl_offpolicy": ["train_iters=3"],
+}
+
+
+def _logged_numbers(setup: dict[str, Path]) -> dict[str, list[dict[str, float]]]:
+    from megatron.core import parallel_state
+
+    from megatron_minillm.training.config import load_config
+    from megatron_minillm.training.trainer import Trainer
+
+    out = {}
+    for algorithm, overrides in FIXED_RUNS.items():
+        args = _train_args(setup, f"algorithm={algorithm}", "tp=2", "pp=2", *overrides)
+        trainer = Trainer(load_config(None, [a for a in args if "=" in a]))
+        out[algorithm] = [trainer.iteration(i) for i in range(trainer.cfg.train_iters)]
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+def test_logged_numbers_equal_the_recorded_ones(setup):
+    from harness import run_distributed
+
+    got = run_distributed(_logged_numbers, 4, setup)[-1]  # the last rank holds the last stage's metrics
+    expected = json.loads(LOGGED_NUMBERS.read_text())
+    assert got.keys() == expected.keys()
+    for algorithm, rows in expected.items():
+        assert len(got[algorithm]) == len(rows)
+        for a, b in zip(got[algorithm], rows):
+            assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in b), (
+                algorithm, a, b)  # fmt: skip
