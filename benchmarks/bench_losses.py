@@ -39,8 +39,12 @@ import torch
 
 CACHING = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=68719476736"
 PRECISE = "glibc.malloc.mmap_threshold=65536"
-OURS = {"ours": {}, "ours_scaled": {}, "ours_compiled": dict(compiled=True, cpu_kernel=False),
-        "ours_eager": dict(cpu_kernel=False)}  # fmt: skip
+OURS = {
+    "ours": {},
+    "ours_scaled": {},
+    "ours_compiled": dict(compiled=True, cpu_kernel=False),
+    "ours_eager": dict(cpu_kernel=False),
+}
 VARIANTS = (*OURS, "naive", "bandwidth", "exp_eager", "exp_compiled")
 
 
@@ -85,11 +89,13 @@ def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor):
         exp = torch.compile(lambda z, g: g.copy_(torch.exp(z)))
         return lambda: exp(student, out)
     if variant == "naive":
+
         def naive() -> None:
             x = student.detach().requires_grad_()
             log_q = torch.log_softmax(_GatherVocab.apply(x), -1)
             log_p = torch.log_softmax(_GatherVocab.apply(teacher), -1)
             (log_q.exp() * (log_q - log_p)).sum(-1).mean().backward()
+
         return naive
 
     options = L.KernelOptions(**OURS[variant])
@@ -98,6 +104,7 @@ def _step_fn(variant: str, student: torch.Tensor, teacher: torch.Tensor):
     def ours() -> None:
         x = student.detach().requires_grad_()
         (L.reverse_kl(x, teacher, options=options) * upstream).backward()
+
     return ours
 
 
@@ -148,11 +155,22 @@ def measure(config: dict, tp: int, malloc: str, cache_dir: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, WORLD_SIZE=str(tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               GLIBC_TUNABLES=malloc, TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONWARNINGS="ignore")  # fmt: skip
+    env = dict(
+        os.environ,
+        WORLD_SIZE=str(tp),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        GLIBC_TUNABLES=malloc,
+        TORCHINDUCTOR_CACHE_DIR=cache_dir,
+        PYTHONWARNINGS="ignore",
+    )
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(config)], env=dict(env, RANK=str(r)),
-                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(config)],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for r in range(tp)
     ]
     outputs = [p.communicate()[0] for p in procs]
@@ -194,8 +212,10 @@ def main() -> None:
     for variant in ("ours", "naive"):  # per-rank memory and time at TP=2
         # at most 3 repeats: under the caching setting naive's resident memory grows with every step here
         config = dict(base, vocab=vocab, variant=variant, repeats=min(args.repeats, 3))
-        row = {"time_caching_s": measure(dict(config, measure="time"), 2, CACHING, cache_dir)["time_s"],
-               "peak_mib": measure(dict(config, measure="memory"), 2, PRECISE, cache_dir)["peak_mib"]}  # fmt: skip
+        row = {
+            "time_caching_s": measure(dict(config, measure="time"), 2, CACHING, cache_dir)["time_s"],
+            "peak_mib": measure(dict(config, measure="memory"), 2, PRECISE, cache_dir)["peak_mib"],
+        }
         table[(vocab, variant + "_tp2")] = row
         print(f"V={vocab:6d} {variant + ' TP2/rank':14s} " + "  ".join(f"{k} {v:8.3f}" for k, v in row.items()))
 

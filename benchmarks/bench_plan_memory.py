@@ -31,29 +31,77 @@ from pathlib import Path
 
 CONFIGS = {
     "llama_fp32_tp1": dict(
-        world=1, tp=1, pp=1, dtype="fp32",
-        teacher=dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                     num_attention_heads=8, num_key_value_heads=4, vocab_size=8000, max_position_embeddings=512),
-        student=dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                     num_attention_heads=8, num_key_value_heads=4, vocab_size=8000, max_position_embeddings=512),
+        world=1,
+        tp=1,
+        pp=1,
+        dtype="fp32",
+        teacher=dict(
+            model_type="llama",
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=8000,
+            max_position_embeddings=512,
+        ),
+        student=dict(
+            model_type="llama",
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=8000,
+            max_position_embeddings=512,
+        ),
     ),
     "gpt2_bf16_tp1": dict(
-        world=1, tp=1, pp=1, dtype="bf16",
+        world=1,
+        tp=1,
+        pp=1,
+        dtype="bf16",
         teacher=dict(model_type="gpt2", n_embd=512, n_layer=4, n_head=8, vocab_size=8000, n_positions=512),
         student=dict(model_type="gpt2", n_embd=256, n_layer=2, n_head=8, vocab_size=8000, n_positions=512),
     ),
     "llama_bf16_tp2": dict(
-        world=2, tp=2, pp=1, dtype="bf16",
-        teacher=dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                     num_attention_heads=8, num_key_value_heads=4, vocab_size=16000, max_position_embeddings=512),
-        student=dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                     num_attention_heads=8, num_key_value_heads=4, vocab_size=16000, max_position_embeddings=512,
-                     tie_word_embeddings=True),
+        world=2,
+        tp=2,
+        pp=1,
+        dtype="bf16",
+        teacher=dict(
+            model_type="llama",
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=16000,
+            max_position_embeddings=512,
+        ),
+        student=dict(
+            model_type="llama",
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=16000,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        ),
     ),
-}  # fmt: skip
+}
 # Batches and lengths shared by every config (TrainConfig names).
-RUN = dict(micro_batch_size=4, global_batch_size=8, max_prompt_length=128, max_length=256, rollout_batch_size=16,
-           rollout_micro_batch_size=8, ppo_epochs=1)  # fmt: skip
+RUN = dict(
+    micro_batch_size=4,
+    global_batch_size=8,
+    max_prompt_length=128,
+    max_length=256,
+    rollout_batch_size=16,
+    rollout_micro_batch_size=8,
+    ppo_epochs=1,
+)
 PRECISE = "glibc.malloc.mmap_threshold=65536"
 PHASES = ("rollout", "score", "train")
 
@@ -86,8 +134,10 @@ class _Prompts:
         import torch
 
         gen = torch.Generator().manual_seed(0)
-        self.items = [(torch.randint(1, vocab, (length,), generator=gen), torch.randint(1, vocab, (8,), generator=gen))
-                      for _ in range(n)]  # fmt: skip
+        self.items = [
+            (torch.randint(1, vocab, (length,), generator=gen), torch.randint(1, vocab, (8,), generator=gen))
+            for _ in range(n)
+        ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -136,8 +186,18 @@ def worker(name: str) -> None:
     from megatron_minillm.training.optimizer import setup_model_and_optimizer
 
     spec = CONFIGS[name]
-    cfg = TrainConfig(student="-", teacher="-", data="-", pt_data="-", tp=spec["tp"], pp=spec["pp"],
-                      dtype=spec["dtype"], lr=1e-4, lr_warmup_iters=0, **RUN)  # fmt: skip
+    cfg = TrainConfig(
+        student="-",
+        teacher="-",
+        data="-",
+        pt_data="-",
+        tp=spec["tp"],
+        pp=spec["pp"],
+        dtype=spec["dtype"],
+        lr=1e-4,
+        lr_warmup_iters=0,
+        **RUN,
+    )
     layout = init_distributed(tp=cfg.tp, pp=cfg.pp, seed=cfg.seed)
     torch.set_num_threads(1)
     baseline = _status_kib("VmRSS")
@@ -152,11 +212,17 @@ def worker(name: str) -> None:
     t.teacher = build_model(teacher_arch, dtype=cfg.dtype).eval().requires_grad_(False)
     t.model, t.optimizer, t.scheduler = setup_model_and_optimizer(
         student,
-        OptimizerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
-                        clip_grad=cfg.clip_grad, bf16=cfg.dtype == "bf16",
-                        use_distributed_optimizer=cfg.use_distributed_optimizer),
+        OptimizerConfig(
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            clip_grad=cfg.clip_grad,
+            bf16=cfg.dtype == "bf16",
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+        ),
         train_iters=100,
-    )  # fmt: skip
+    )
     vocab = student_arch.vocab_size
     assert student.vocab_size > vocab, "the EOS id must be a vocabulary-padding id"
     t.tokenizer = type("Tokenizer", (), {"pad_id": 0, "eos_id": vocab})()  # a padding id: never sampled
@@ -183,6 +249,7 @@ def worker(name: str) -> None:
                 phase_overhead[phase] = (_status_kib("VmRSS") - baseline) * 1024 - _live_tensor_bytes()
                 meter.mark(phase)
             return fn(*args, **kwargs)
+
         return run
 
     # Phases: rollouts; scoring (the rollouts, then the first step's L_PT micro-batches); training
@@ -198,19 +265,36 @@ def worker(name: str) -> None:
     t._minillm_iteration(1)
     meter.mark(None)
 
-    plan_cfg = PlanConfig(tp=cfg.tp, pp=cfg.pp, dp=layout.dp, micro_batch_size=cfg.micro_batch_size,
-                          global_batch_size=cfg.global_batch_size, max_prompt_length=cfg.max_prompt_length,
-                          max_length=cfg.max_length, rollout_batch_size=cfg.rollout_batch_size,
-                          rollout_micro_batch_size=cfg.rollout_micro_batch_size, dtype=cfg.dtype,
-                          distributed_optimizer=cfg.use_distributed_optimizer)  # fmt: skip
+    plan_cfg = PlanConfig(
+        tp=cfg.tp,
+        pp=cfg.pp,
+        dp=layout.dp,
+        micro_batch_size=cfg.micro_batch_size,
+        global_batch_size=cfg.global_batch_size,
+        max_prompt_length=cfg.max_prompt_length,
+        max_length=cfg.max_length,
+        rollout_batch_size=cfg.rollout_batch_size,
+        rollout_micro_batch_size=cfg.rollout_micro_batch_size,
+        dtype=cfg.dtype,
+        distributed_optimizer=cfg.use_distributed_optimizer,
+    )
     stage = parallel_state.get_pipeline_model_parallel_rank()
     plan = next(b for b in plan_memory(teacher_arch, student_arch, plan_cfg) if b.stage == stage)
     ph = plan.phases
-    predicted = {"rollout": ph["rollout"], "score": max(ph["score"], ph["score (L_PT/KD, per step)"]),
-                 "train": max(ph["train"], ph["optimizer step"], ph["score (L_PT/KD, per step)"])}  # fmt: skip
-    result = {"rank": torch.distributed.get_rank(), "measured": meter.peaks, "predicted": predicted,
-              "overhead": overhead, "phase_overhead": phase_overhead,
-              "step_overhead": max(in_steps), "terms": plan.terms}  # fmt: skip
+    predicted = {
+        "rollout": ph["rollout"],
+        "score": max(ph["score"], ph["score (L_PT/KD, per step)"]),
+        "train": max(ph["train"], ph["optimizer step"], ph["score (L_PT/KD, per step)"]),
+    }
+    result = {
+        "rank": torch.distributed.get_rank(),
+        "measured": meter.peaks,
+        "predicted": predicted,
+        "overhead": overhead,
+        "phase_overhead": phase_overhead,
+        "step_overhead": max(in_steps),
+        "terms": plan.terms,
+    }
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -219,16 +303,31 @@ def measure(name: str) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               GLIBC_TUNABLES=PRECISE, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", name], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(world)]  # fmt: skip
+    env = dict(
+        os.environ,
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        GLIBC_TUNABLES=PRECISE,
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", name],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     outputs = [p.communicate() for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"{name} failed:\n" + "\n".join(err[-3000:] for _, err in outputs))
-    return [json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
-            for out, _ in outputs]  # fmt: skip
+    return [
+        json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[len("RESULT ") :]) for out, _ in outputs
+    ]
 
 
 def main() -> None:
@@ -245,11 +344,15 @@ def main() -> None:
         results = measure(name)
         r = max(results, key=lambda x: max(x["measured"].values()))  # the rank with the highest peak
         over = r["phase_overhead"]
-        print(f"\n{name} (rank {r['rank']} of {len(results)}), MiB; non-tensor RSS after the warm-up "
-              f"{r['overhead'] / mib:.1f}, at the start of each phase: "
-              + ", ".join(f"{k} {v / mib:.1f}" for k, v in over.items()))  # fmt: skip
-        print(f"  {'phase':8s} {'predicted':>10s} {'measured':>10s} {'measured - non-tensor':>22s} {'ratio':>7s} "
-              f"{'raw ratio':>10s}")  # fmt: skip
+        print(
+            f"\n{name} (rank {r['rank']} of {len(results)}), MiB; non-tensor RSS after the warm-up "
+            f"{r['overhead'] / mib:.1f}, at the start of each phase: "
+            + ", ".join(f"{k} {v / mib:.1f}" for k, v in over.items())
+        )
+        print(
+            f"  {'phase':8s} {'predicted':>10s} {'measured':>10s} {'measured - non-tensor':>22s} {'ratio':>7s} "
+            f"{'raw ratio':>10s}"
+        )
         print(f"  non-tensor RSS at the start of optimizer steps: up to {r['step_overhead'] / mib:.1f}")
         tensor_peaks = {k: v - over[k] for k, v in r["measured"].items()}
         for phase in (*PHASES, "peak"):

@@ -105,14 +105,28 @@ def main() -> None:
     for name, hf in (("teacher", teacher_hf), ("student", student_hf)):
         with torch.no_grad():
             hf_out = {}
-            t_hf = _best(lambda: hf_out.update(ids=hf.generate(
-                padded, attention_mask=attention, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)), args.repeats)  # fmt: skip
+            t_hf = _best(
+                lambda: hf_out.update(
+                    ids=hf.generate(
+                        padded,
+                        attention_mask=attention,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id or 0,
+                    )
+                ),
+                args.repeats,
+            )
         out = {}
-        t_ours = _best(lambda: out.update(r=generate(ours[name], prompts, greedy, seeds, vocab_size=vocab)), args.repeats)
+        t_ours = _best(
+            lambda: out.update(r=generate(ours[name], prompts, greedy, seeds, vocab_size=vocab)), args.repeats
+        )
         same = out["r"].tokens.tolist() == hf_out["ids"][:, width:].tolist()
-        print(f"greedy {name}: HF generate {tokens / t_hf:.1f} tokens/s, ours {tokens / t_ours:.1f} tokens/s "
-              f"-> {t_hf / t_ours:.2f}x; tokens equal: {same}")  # fmt: skip
+        print(
+            f"greedy {name}: HF generate {tokens / t_hf:.1f} tokens/s, ours {tokens / t_ours:.1f} tokens/s "
+            f"-> {t_hf / t_ours:.2f}x; tokens equal: {same}"
+        )
         result[f"tokens_per_s_vs_hf_{name}"] = round(t_hf / t_ours, 3)
         result[f"greedy_tokens_equal_{name}"] = same
 
@@ -124,8 +138,10 @@ def main() -> None:
     t_student = _best(run(ours["student"]), args.repeats)
     t_teacher = _best(run(ours["teacher"]), args.repeats)
     t_mixed = _best(run(ours["student"], ours["teacher"], 0.2), args.repeats)
-    print(f"sampling: student {t_student:.2f} s, teacher {t_teacher:.2f} s, mixed {t_mixed:.2f} s "
-          f"-> mixed / (student + teacher) = {t_mixed / (t_student + t_teacher):.3f}")  # fmt: skip
+    print(
+        f"sampling: student {t_student:.2f} s, teacher {t_teacher:.2f} s, mixed {t_mixed:.2f} s "
+        f"-> mixed / (student + teacher) = {t_mixed / (t_student + t_teacher):.3f}"
+    )
     result["mixed_vs_student_plus_teacher"] = round(t_mixed / (t_student + t_teacher), 3)
     print(json.dumps(result))
 

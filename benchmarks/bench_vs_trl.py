@@ -103,12 +103,28 @@ def prepare(work: Path) -> dict:
     if not (teacher_hf / "config.json").exists():
         _run(sys.executable, "tools/checkpoint/convert.py", "gguf-to-hf", "--out", str(teacher_hf))
     if not (student_hf / "config.json").exists():
-        _run(sys.executable, "tools/checkpoint/make_student.py", "--hf", str(teacher_hf), "--out", str(student_hf),
-             "--num-layers", "8")  # fmt: skip
+        _run(
+            sys.executable,
+            "tools/checkpoint/make_student.py",
+            "--hf",
+            str(teacher_hf),
+            "--out",
+            str(student_hf),
+            "--num-layers",
+            "8",
+        )
     for hf, native in ((teacher_hf, work / "teacher"), (student_hf, work / "student")):
         if not (native / "minillm_checkpoint.json").exists():
-            _run(sys.executable, "tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf), "--out", str(native),
-                 "--overwrite")  # fmt: skip
+            _run(
+                sys.executable,
+                "tools/checkpoint/convert.py",
+                "hf-to-mcore",
+                "--hf",
+                str(hf),
+                "--out",
+                str(native),
+                "--overwrite",
+            )
 
     from megatron_minillm.data import load_tokenizer
     from megatron_minillm.data.prompts import load_prompts
@@ -121,11 +137,26 @@ def prepare(work: Path) -> dict:
     rows = SELFINST.read_text(encoding="utf-8").splitlines()
     train_file = work / "selfinst_train64.jsonl"
     train_file.write_text("".join(rows[int(p.source.rsplit(":", 1)[1]) - 1] + "\n" for p in train), encoding="utf-8")
-    _run(sys.executable, "tools/preprocess_data.py", "instructions", "--input", str(train_file), "--tokenizer",
-         str(teacher_hf), "--output-prefix", str(work / "data" / "selfinst"), "--template", "alpaca",
-         "--max-prompt-length", str(MAX_PROMPT), "--max-length", str(MAX_PROMPT + NEW_TOKENS))  # fmt: skip
-    spec = {name: [{"text": p.text, "ids": p.ids} for p in group]
-            for name, group in (("train", train), ("heldout", held))}  # fmt: skip
+    _run(
+        sys.executable,
+        "tools/preprocess_data.py",
+        "instructions",
+        "--input",
+        str(train_file),
+        "--tokenizer",
+        str(teacher_hf),
+        "--output-prefix",
+        str(work / "data" / "selfinst"),
+        "--template",
+        "alpaca",
+        "--max-prompt-length",
+        str(MAX_PROMPT),
+        "--max-length",
+        str(MAX_PROMPT + NEW_TOKENS),
+    )
+    spec = {
+        name: [{"text": p.text, "ids": p.ids} for p in group] for name, group in (("train", train), ("heldout", held))
+    }
     (work / "prompts.json").write_text(json.dumps(spec))
     return spec
 
@@ -136,11 +167,10 @@ def prepare(work: Path) -> dict:
 
 def worker_trl(work: Path, args: argparse.Namespace) -> dict:
     import transformers
-    from datasets import Dataset
-    from transformers import TrainerCallback
-
     import trl
     import trl.trainer.distillation_trainer as dt
+    from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
     spec = json.loads((work / "prompts.json").read_text())
@@ -152,13 +182,34 @@ def worker_trl(work: Path, args: argparse.Namespace) -> dict:
     out = work / "trl-out"
     shutil.rmtree(out, ignore_errors=True)
     config = DistillationConfig(
-        output_dir=str(out), seed=SEED, max_steps=STEPS, per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=1e-6, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True,
-        beta=1.0, temperature=1.0, top_k=0, top_p=1.0, max_completion_length=NEW_TOKENS,
-        logging_steps=1, report_to="none", save_strategy="no", dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(out),
+        seed=SEED,
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=1e-6,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        beta=1.0,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_completion_length=NEW_TOKENS,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
     clock, steps = Clock(), []
 
     class Timing(TrainerCallback):
@@ -173,12 +224,23 @@ def worker_trl(work: Path, args: argparse.Namespace) -> dict:
             clock.add("optimizer", time.perf_counter() - self.opt)
 
         def on_step_end(self, args_, state, control, **kw):
-            steps.append({"total": time.perf_counter() - self.start, "cpu": time.process_time() - self.cpu,
-                          "load": os.getloadavg()[0], **clock.take()})  # fmt: skip
+            steps.append(
+                {
+                    "total": time.perf_counter() - self.start,
+                    "cpu": time.process_time() - self.cpu,
+                    "load": os.getloadavg()[0],
+                    **clock.take(),
+                }
+            )
 
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
-                                  train_dataset=Dataset.from_list([{"prompt": p["text"]} for p in spec["train"]]),
-                                  callbacks=[Timing()])  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"prompt": p["text"]} for p in spec["train"]]),
+        callbacks=[Timing()],
+    )
     lengths = []
     generate = trainer._generate
 
@@ -189,14 +251,20 @@ def worker_trl(work: Path, args: argparse.Namespace) -> dict:
 
     trainer._generate = clock.wrap("generation", counted_generate)
     trainer._get_last_hidden_state = clock.wrap(
-        lambda: "student forward" if torch.is_grad_enabled() else "teacher forward", trainer._get_last_hidden_state)
+        lambda: "student forward" if torch.is_grad_enabled() else "teacher forward", trainer._get_last_hidden_state
+    )
     dt._chunked_divergence_loss = clock.wrap("divergence forward", dt._chunked_divergence_loss)
     trainer.train()
     peak = _peak_rss_gb()  # of the training, before the save
     trainer.save_model(str(work / "trl-student-hf"))
     tokenizer.save_pretrained(str(work / "trl-student-hf"))
-    return {"version": trl.__version__, "steps": steps, "response_length": lengths, "peak_rss_gb": peak,
-            "log": [h for h in trainer.state.log_history if "loss" in h]}  # fmt: skip
+    return {
+        "version": trl.__version__,
+        "steps": steps,
+        "response_length": lengths,
+        "peak_rss_gb": peak,
+        "log": [h for h in trainer.state.log_history if "loss" in h],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,14 +273,36 @@ def worker_trl(work: Path, args: argparse.Namespace) -> dict:
 
 def our_overrides(work: Path, setting: str, lr: float) -> list[str]:
     common = [
-        "algorithm=minillm", f"student={work / 'student'}", f"teacher={work / 'teacher'}",
-        f"data={work / 'data' / 'selfinst_train'}", f"save={work / ('ours-' + setting)}", "tp=1", "pp=1",
-        f"seed={SEED}", f"train_iters={STEPS}", f"micro_batch_size={BATCH}", f"global_batch_size={BATCH}",
-        f"rollout_batch_size={BATCH}", f"rollout_micro_batch_size={BATCH}", f"max_prompt_length={MAX_PROMPT}",
-        f"max_length={MAX_PROMPT + NEW_TOKENS}", f"lr={lr}", "lr_warmup_iters=0", "lr_decay_style=constant",
-        "weight_decay=1e-6", "adam_beta1=0.9", "adam_beta2=0.95", "clip_grad=1.0", "dtype=fp32",
-        "teacher_cache_dtype=fp32", "temperature=1.0", "top_k=0", "top_p=1.0", "lm_coef=0", "single_step=true",
-    ]  # fmt: skip
+        "algorithm=minillm",
+        f"student={work / 'student'}",
+        f"teacher={work / 'teacher'}",
+        f"data={work / 'data' / 'selfinst_train'}",
+        f"save={work / ('ours-' + setting)}",
+        "tp=1",
+        "pp=1",
+        f"seed={SEED}",
+        f"train_iters={STEPS}",
+        f"micro_batch_size={BATCH}",
+        f"global_batch_size={BATCH}",
+        f"rollout_batch_size={BATCH}",
+        f"rollout_micro_batch_size={BATCH}",
+        f"max_prompt_length={MAX_PROMPT}",
+        f"max_length={MAX_PROMPT + NEW_TOKENS}",
+        f"lr={lr}",
+        "lr_warmup_iters=0",
+        "lr_decay_style=constant",
+        "weight_decay=1e-6",
+        "adam_beta1=0.9",
+        "adam_beta2=0.95",
+        "clip_grad=1.0",
+        "dtype=fp32",
+        "teacher_cache_dtype=fp32",
+        "temperature=1.0",
+        "top_k=0",
+        "top_p=1.0",
+        "lm_coef=0",
+        "single_step=true",
+    ]
     if setting == "equal":
         return common + ["mix_alpha=0", "ppo_epochs=1", "policy_gradient=false"]
     return common + ["mix_alpha=0.2", "ppo_epochs=4", "policy_gradient=true"]
@@ -254,16 +344,29 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict:
         metrics = iteration(i)
         total, cpu = time.perf_counter() - start, time.process_time() - cpu
         phases = dict(trainer.timers.seconds)  # rollout / score / train of this iteration (log_interval 1)
-        steps.append({"total": total, "cpu": cpu, "load": os.getloadavg()[0], "generation": phases.get("rollout", 0.0),
-                      "teacher forward + rewards": phases.get("score", 0.0), "train": phases.get("train", 0.0),
-                      **clock.take(), "response length": metrics.get("response length", 0.0),
-                      "peak_rss_gb": _peak_rss_gb()})  # fmt: skip
+        steps.append(
+            {
+                "total": total,
+                "cpu": cpu,
+                "load": os.getloadavg()[0],
+                "generation": phases.get("rollout", 0.0),
+                "teacher forward + rewards": phases.get("score", 0.0),
+                "train": phases.get("train", 0.0),
+                **clock.take(),
+                "response length": metrics.get("response length", 0.0),
+                "peak_rss_gb": _peak_rss_gb(),
+            }
+        )
         return metrics
 
     trainer.iteration = timed_iteration
     trainer.run()
-    return {"steps": steps, "peak_rss_gb": steps[-1]["peak_rss_gb"], "updates_per_step": trainer.steps_per_iteration,
-            "checkpoint": str(work / f"ours-{args.setting}" / f"iter_{STEPS:07d}")}  # fmt: skip
+    return {
+        "steps": steps,
+        "peak_rss_gb": steps[-1]["peak_rss_gb"],
+        "updates_per_step": trainer.steps_per_iteration,
+        "checkpoint": str(work / f"ours-{args.setting}" / f"iter_{STEPS:07d}"),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,8 +380,16 @@ def _sample(model, prompts: list[list[int]], pad: int, seed: int) -> list[list[i
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=attention, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, pad_token_id=pad)[:, width:].tolist()  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=attention,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad,
+        )[:, width:].tolist()
     eos = model.generation_config.eos_token_id
     return [row[: row.index(eos) + 1] if eos in row else row for row in out]
 
@@ -328,9 +439,11 @@ def worker_eval(work: Path, args: argparse.Namespace) -> dict:
             own["sum"], own["n"] = own["sum"] + total, own["n"] + n
             total, n = _reverse_kl(student, teacher, prompts, teacher_samples[s], pad)
             on_teacher["sum"], on_teacher["n"] = on_teacher["sum"] + total, on_teacher["n"] + n
-        results[name] = {"rkl_own_samples": own["sum"] / own["n"],
-                         "rkl_teacher_samples": on_teacher["sum"] / on_teacher["n"],
-                         "own_length": own["n"] / (len(prompts) * len(EVAL_SEEDS))}  # fmt: skip
+        results[name] = {
+            "rkl_own_samples": own["sum"] / own["n"],
+            "rkl_teacher_samples": on_teacher["sum"] / on_teacher["n"],
+            "own_length": own["n"] / (len(prompts) * len(EVAL_SEEDS)),
+        }
         print(name, results[name], flush=True)
     return results
 
@@ -341,8 +454,17 @@ def worker_eval(work: Path, args: argparse.Namespace) -> dict:
 def _worker(work: Path, kind: str, *extra: str) -> dict:
     result = work / f"result-{kind}{'-' + extra[1] if extra[:1] == ('--setting',) else ''}.json"
     result.unlink(missing_ok=True)
-    _run(sys.executable, str(Path(__file__).resolve()), "--workdir", str(work), "--worker", kind, "--result",
-         str(result), *extra)  # fmt: skip
+    _run(
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--workdir",
+        str(work),
+        "--worker",
+        kind,
+        "--result",
+        str(result),
+        *extra,
+    )
     return json.loads(result.read_text())
 
 
@@ -376,8 +498,11 @@ def main() -> None:
         runs = {"trl": read("trl"), "equal": read("ours-equal")}
         if (work / "result-ours-full.json").exists():
             runs["full"] = read("ours-full")
-        models = {"initial student": "student-hf", "trl": "trl-student-hf",
-                  **{k: f"ours-{k}-hf" for k in ("equal", "full") if k in runs}}  # fmt: skip
+        models = {
+            "initial student": "student-hf",
+            "trl": "trl-student-hf",
+            **{k: f"ours-{k}-hf" for k in ("equal", "full") if k in runs},
+        }
         kl = read("eval")
     else:
         work.mkdir(parents=True, exist_ok=True)
@@ -390,39 +515,59 @@ def main() -> None:
         for setting in ("equal", "full"):
             if setting in runs:
                 hf = f"ours-{setting}-hf"
-                _run(sys.executable, "tools/checkpoint/convert.py", "mcore-to-hf", "--ckpt",
-                     runs[setting]["checkpoint"], "--out", str(work / hf), "--overwrite")  # fmt: skip
+                _run(
+                    sys.executable,
+                    "tools/checkpoint/convert.py",
+                    "mcore-to-hf",
+                    "--ckpt",
+                    runs[setting]["checkpoint"],
+                    "--out",
+                    str(work / hf),
+                    "--overwrite",
+                )
                 models[setting] = hf
         kl = _worker(work, "eval", "--threads", str(args.threads), "--models", *models.values())
 
     # ------------------------------------------------------------------------------------------------
-    names = {"trl": f"TRL {runs['trl']['version']} DistillationTrainer", "equal": "ours, equal work",
-             "full": "ours, full MiniLLM"}  # fmt: skip
+    names = {
+        "trl": f"TRL {runs['trl']['version']} DistillationTrainer",
+        "equal": "ours, equal work",
+        "full": "ours, full MiniLLM",
+    }
     print(f"\n{STEPS} steps of {BATCH} prompts, {NEW_TOKENS} new tokens, lr {args.lr}, {args.threads} threads\n")
-    print("| run | first step | later steps (median) | CPU time, later steps | load average | updates/step | "
-          "response tokens/sample | peak RSS |")  # fmt: skip
+    print(
+        "| run | first step | later steps (median) | CPU time, later steps | load average | updates/step | "
+        "response tokens/sample | peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for key, run in runs.items():
         lengths = run.get("response_length") or [s["response length"] for s in run["steps"]]
-        print(f"| {names[key]} | {run['steps'][0]['total']:.2f} s | {_steady(run['steps']):.2f} s | "
-              f"{_steady(run['steps'], 'cpu'):.2f} s | {_steady(run['steps'], 'load'):.1f} | "
-              f"{run.get('updates_per_step', 1)} | {sum(lengths) / len(lengths):.1f} | "
-              f"{run['peak_rss_gb']:.2f} GB |")  # fmt: skip
+        print(
+            f"| {names[key]} | {run['steps'][0]['total']:.2f} s | {_steady(run['steps']):.2f} s | "
+            f"{_steady(run['steps'], 'cpu'):.2f} s | {_steady(run['steps'], 'load'):.1f} | "
+            f"{run.get('updates_per_step', 1)} | {sum(lengths) / len(lengths):.1f} | "
+            f"{run['peak_rss_gb']:.2f} GB |"
+        )
     print("\nlater steps, wall seconds per phase (median of each; they need not add up exactly):\n")
     for key, run in runs.items():
         not_phases = {"total", "cpu", "load", "response length", "train", "peak_rss_gb"}
         phases = sorted({k for s in run["steps"] for k in s} - not_phases)
         known = sum(_steady(run["steps"], k) for k in phases)
         parts = [f"{k} {_steady(run['steps'], k):.2f}" for k in phases]
-        print(f"- {names[key]}: total {_steady(run['steps']):.2f} = " + ", ".join(parts) +
-              f", backward + rest {_steady(run['steps']) - known:.2f}")  # fmt: skip
+        print(
+            f"- {names[key]}: total {_steady(run['steps']):.2f} = "
+            + ", ".join(parts)
+            + f", backward + rest {_steady(run['steps']) - known:.2f}"
+        )
     print("\nheld-out reverse KL to the teacher (16 prompts, seeds 1 and 2, per token):\n")
     print("| student | on its own samples | on teacher samples | own sample length |")
     print("|---|---|---|---|")
     for key, hf in models.items():
         r = kl[hf]
-        print(f"| {names.get(key, key)} | {r['rkl_own_samples']:.4f} | {r['rkl_teacher_samples']:.4f} | "
-              f"{r['own_length']:.1f} |")  # fmt: skip
+        print(
+            f"| {names.get(key, key)} | {r['rkl_own_samples']:.4f} | {r['rkl_teacher_samples']:.4f} | "
+            f"{r['own_length']:.1f} |"
+        )
     trl_kl, eq_kl = kl["trl-student-hf"], kl["ours-equal-hf"]
     result = {
         "step_time_vs_trl": round(_steady(runs["equal"]["steps"]) / _steady(runs["trl"]["steps"]), 3),
@@ -433,11 +578,17 @@ def main() -> None:
     }
     if "full" in runs:
         full_kl = kl["ours-full-hf"]
-        result.update({
-            "full_iteration_time_vs_trl_step": round(_steady(runs["full"]["steps"]) / _steady(runs["trl"]["steps"]), 3),
-            "full_heldout_rkl_vs_trl": round(full_kl["rkl_own_samples"] / trl_kl["rkl_own_samples"], 3),
-            "full_teacher_sample_kl_vs_trl": round(full_kl["rkl_teacher_samples"] / trl_kl["rkl_teacher_samples"], 3),
-        })  # fmt: skip
+        result.update(
+            {
+                "full_iteration_time_vs_trl_step": round(
+                    _steady(runs["full"]["steps"]) / _steady(runs["trl"]["steps"]), 3
+                ),
+                "full_heldout_rkl_vs_trl": round(full_kl["rkl_own_samples"] / trl_kl["rkl_own_samples"], 3),
+                "full_teacher_sample_kl_vs_trl": round(
+                    full_kl["rkl_teacher_samples"] / trl_kl["rkl_teacher_samples"], 3
+                ),
+            }
+        )
     print(json.dumps(result))
 
 

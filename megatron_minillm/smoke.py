@@ -31,11 +31,18 @@ TEXT = (
 
 def llama_config(layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
     return {
-        "model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden,
-        "intermediate_size": 4 * hidden, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "vocab_size": 256, "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-    }  # fmt: skip
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": 256,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    }
 
 
 def byte_batches(num: int, batch: int, seq: int, seed: int) -> list[dict]:
@@ -105,8 +112,9 @@ def main() -> None:
         start = time.perf_counter()
         batches = byte_batches(args.micro_batches, args.micro_batch_size, args.seq_length, seed=it)
         with torch.no_grad():
-            teacher_loss = mean_loss(forward_backward(
-                teacher, batches, loss_func(teacher_arch.vocab_size), forward_only=True))  # fmt: skip
+            teacher_loss = mean_loss(
+                forward_backward(teacher, batches, loss_func(teacher_arch.vocab_size), forward_only=True)
+            )
         student_metrics, grad_norm = train_step(
             student, optimizer, scheduler, batches, loss_func(student_arch.vocab_size)
         )

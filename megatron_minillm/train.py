@@ -35,8 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("megatron_minillm.train").info("config %s", json.dumps(cfg.to_dict(), sort_keys=True))
         trainer.run()
 
-    return cli_exit_status(body, (ConfigError, LayoutError, NotACheckpointError, TokenizerError,
-                                  TokenizerMismatchError, DatasetLayoutError, FileNotFoundError))  # fmt: skip
+    return cli_exit_status(
+        body,
+        (
+            ConfigError,
+            LayoutError,
+            NotACheckpointError,
+            TokenizerError,
+            TokenizerMismatchError,
+            DatasetLayoutError,
+            FileNotFoundError,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.multiprocessing as mp
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,14 @@ def run_tool(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}"]
-    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port})  # fmt: skip
+    return subprocess.run(
+        [*launcher, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port},
+    )
 
 
 def _worker(fn: Callable, rank: int, env: dict[str, str], results: Any, args: tuple, kwargs: dict) -> None:
@@ -68,10 +74,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
     # Not daemonic: megatron's checkpoint writer starts child processes of its own.
-    procs = [
-        ctx.Process(target=_worker, args=(fn, r, env, results, args, kwargs))
-        for r in range(world_size)
-    ]
+    procs = [ctx.Process(target=_worker, args=(fn, r, env, results, args, kwargs)) for r in range(world_size)]
     for p in procs:
         p.start()
     outcome: dict[int, tuple[str, Any]] = {}

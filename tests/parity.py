@@ -38,7 +38,6 @@ def lm_loss_func(vocab_size: int, seen: list | None = None):
     """A schedule loss function (masked LM loss) that can also keep the masked logits it saw."""
     from megatron_minillm.losses import masked_lm_loss
     from megatron_minillm.models import mask_padded_vocab
-
     from megatron_minillm.training.schedule import at_logit_positions
 
     def loss_func(batch, logits):
@@ -51,8 +50,9 @@ def lm_loss_func(vocab_size: int, seen: list | None = None):
     return loss_func
 
 
-def assert_logits_match_hf(model, batches: list[dict], ref_logits: list[torch.Tensor], vocab_size: int,
-                           atol: float, what: str) -> None:  # fmt: skip
+def assert_logits_match_hf(
+    model, batches: list[dict], ref_logits: list[torch.Tensor], vocab_size: int, atol: float, what: str
+) -> None:
     """Forward ``batches`` through the pipeline; on the last stage compare this TP rank's vocab
     slice with the HF logits, and check that padded entries are -inf."""
     from megatron.core import parallel_state
@@ -67,6 +67,7 @@ def assert_logits_match_hf(model, batches: list[dict], ref_logits: list[torch.Te
     for got, ref in zip(seen, ref_logits, strict=True):
         start = rank * got.shape[-1]
         valid = max(0, min(vocab_size - start, got.shape[-1]))
-        torch.testing.assert_close(got[..., :valid], ref[..., start : start + valid], atol=atol, rtol=atol,
-                                   msg=lambda m: f"logits {what}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            got[..., :valid], ref[..., start : start + valid], atol=atol, rtol=atol, msg=lambda m: f"logits {what}: {m}"
+        )
         assert torch.isneginf(got[..., valid:]).all(), "padded vocab must be -inf"

@@ -56,8 +56,9 @@ def _round_trip(hf_dirs: dict[str, Path], work: Path) -> None:
         for tp, pp in LAYOUTS:
             init_distributed(tp=tp, pp=pp)
             model, arch, _ = load_model(ckpt)
-            assert_logits_match_hf(model, batches, ref, arch.vocab_size, atol=1e-4,
-                                   what=f"{family} from checkpoint at TP{tp}xPP{pp}")  # fmt: skip
+            assert_logits_match_hf(
+                model, batches, ref, arch.vocab_size, atol=1e-4, what=f"{family} from checkpoint at TP{tp}xPP{pp}"
+            )
             parallel_state.destroy_model_parallel()
 
         init_distributed(tp=1, pp=2)
@@ -68,7 +69,9 @@ def _round_trip(hf_dirs: dict[str, Path], work: Path) -> None:
     # without the architecture, megatron's own shape check is reported as a mismatch too.
     init_distributed(tp=2, pp=1)
     gpt2 = architecture_from_dict(json.loads((hf_dirs["gpt2"] / "config.json").read_text()))
-    with pytest.raises(CheckpointMismatchError, match="does not fit the model: family: checkpoint 'llama' vs model 'gpt2'"):
+    with pytest.raises(
+        CheckpointMismatchError, match="does not fit the model: family: checkpoint 'llama' vs model 'gpt2'"
+    ):
         load_checkpoint(build_model(gpt2), work / "llama.mcore", gpt2)
     with pytest.raises(LayoutError, match="padded vocabulary 257 .* cannot be split over TP=2"):
         build_model(gpt2, padded_vocab=257)  # e.g. a checkpoint padded for another TP
@@ -146,5 +149,7 @@ def test_pytorch_bin_weights_are_read(hf_dirs, tmp_path):
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
     torch.save(load_file(src / "model.safetensors"), tmp_path / "pytorch_model.bin")
     weights = HFWeights(tmp_path)
-    assert torch.equal(weights.get("transformer.wte.weight"), load_file(src / "model.safetensors")["transformer.wte.weight"])
+    assert torch.equal(
+        weights.get("transformer.wte.weight"), load_file(src / "model.safetensors")["transformer.wte.weight"]
+    )
     assert weights.meta("transformer.h.0.attn.c_attn.weight").shape == (64, 192)

@@ -38,8 +38,10 @@ GREEDY_PROMPTS = ["Write a haiku about the sea.", "What is the capital of France
 
 def _chat_prompts(hf_dir: Path) -> list[list[int]]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in GREEDY_PROMPTS]  # fmt: skip
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in GREEDY_PROMPTS
+    ]
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
@@ -47,11 +49,10 @@ def _convert_and_compare(hf_dir: Path, work: Path) -> dict[str, list[list[int]]]
     """Convert, compare logits at every layout, greedy-generate at every layout, export back."""
     from megatron.core import parallel_state
 
-    from megatron_minillm.sampling import SamplingParams, generate
-
     from megatron_minillm.checkpoint.convert import convert_hf_to_mcore, convert_mcore_to_hf
     from megatron_minillm.checkpoint.dist_checkpoint import load_model
     from megatron_minillm.parallel import init_distributed
+    from megatron_minillm.sampling import SamplingParams, generate
 
     ckpt = work / "smollm2.mcore"
     init_distributed(tp=1, pp=3)  # streamed: each process reads its 10 layers
@@ -67,10 +68,14 @@ def _convert_and_compare(hf_dir: Path, work: Path) -> dict[str, list[list[int]]]
     for tp, pp in LAYOUTS:
         init_distributed(tp=tp, pp=pp)
         model, arch, _ = load_model(ckpt)
-        assert_logits_match_hf(model, batches, ref, arch.vocab_size, atol=1e-4,
-                               what=f"SmolLM2 at TP{tp}xPP{pp}")  # fmt: skip
-        rollout = generate(model, _chat_prompts(hf_dir), SamplingParams(max_new_tokens=16, greedy=True, stop_ids=(eos,)),
-                           torch.zeros(len(GREEDY_PROMPTS), dtype=torch.long), vocab_size=arch.vocab_size)  # fmt: skip
+        assert_logits_match_hf(model, batches, ref, arch.vocab_size, atol=1e-4, what=f"SmolLM2 at TP{tp}xPP{pp}")
+        rollout = generate(
+            model,
+            _chat_prompts(hf_dir),
+            SamplingParams(max_new_tokens=16, greedy=True, stop_ids=(eos,)),
+            torch.zeros(len(GREEDY_PROMPTS), dtype=torch.long),
+            vocab_size=arch.vocab_size,
+        )
         greedy[f"TP{tp}xPP{pp}"] = rollout.responses()
         del model
         parallel_state.destroy_model_parallel()
@@ -95,8 +100,7 @@ def test_smollm2_round_trip(smollm2_hf, tmp_path):
     prompt = tokenizer(["Write a haiku about the sea."], return_tensors="pt").input_ids
     kwargs = dict(max_new_tokens=12, do_sample=False)
     generated = [
-        transformers.AutoModelForCausalLM.from_pretrained(d).generate(prompt, **kwargs)
-        for d in (smollm2_hf, out)
+        transformers.AutoModelForCausalLM.from_pretrained(d).generate(prompt, **kwargs) for d in (smollm2_hf, out)
     ]
     assert torch.equal(*generated)
 
@@ -104,6 +108,8 @@ def test_smollm2_round_trip(smollm2_hf, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf)
     for prompt, i in zip(_chat_prompts(smollm2_hf), range(len(GREEDY_PROMPTS))):
         ids = torch.tensor([prompt])
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)[0, len(prompt) :]
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)[
+            0, len(prompt) :
+        ]
         for layout, responses in greedy.items():
             assert responses[i] == ref.tolist(), f"greedy tokens of prompt {i} at {layout}"

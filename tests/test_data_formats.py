@@ -13,12 +13,20 @@ from megatron_minillm.data.templates import render_prompt
 RECORDS = {
     "dolly": {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"},
     "alpaca": {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-    "self_instruct": {"id": "t1", "instruction": "Translate to French.",
-                      "instances": [{"input": "cat", "output": "chat"}, {"input": "dog", "output": "chien"}]},
+    "self_instruct": {
+        "id": "t1",
+        "instruction": "Translate to French.",
+        "instances": [{"input": "cat", "output": "chat"}, {"input": "dog", "output": "chien"}],
+    },
     "prompt_completion": {"template": "t", "prompt": "Question: sky colour?\n", "completion": "blue"},
-    "chat": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                          {"role": "assistant", "content": "Hello."}]},
-}  # fmt: skip
+    "chat": {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    },
+}
 
 
 def _write_lines(path, lines):
@@ -36,8 +44,10 @@ def test_each_format_is_detected_and_parsed(tmp_path):
         parsed[fmt] = parse_row(row, fmt)
     assert parsed["dolly"] == [Example("Name a colour.", "", "Blue.", f"{path}:1")]
     assert parsed["alpaca"] == [Example("Add the numbers.", "2 and 3", "5", f"{path}:2")]
-    assert parsed["self_instruct"] == [Example("Translate to French.", "cat", "chat", f"{path}:3"),
-                                       Example("Translate to French.", "dog", "chien", f"{path}:3")]  # fmt: skip
+    assert parsed["self_instruct"] == [
+        Example("Translate to French.", "cat", "chat", f"{path}:3"),
+        Example("Translate to French.", "dog", "chien", f"{path}:3"),
+    ]
     assert parsed["prompt_completion"] == [Example("Question: sky colour?\n", "", "blue", f"{path}:4")]
     chat = parsed["chat"][0]
     assert (chat.instruction, chat.output, [m["role"] for m in chat.messages]) == ("Hi?", "Hello.", ["system", "user"])
@@ -60,20 +70,34 @@ def test_json_list_rows_carry_their_line(tmp_path):
     "line, fmt, message, reason",
     [
         ('{"instruction": "a", "output": ', "alpaca", r"bad JSON: Expecting value \(column 32\)", "bad_json"),
-        ('{"instruction": "a", "context": "c"}', "dolly",
-         "missing field 'response' \\(dolly records need instruction, response and optionally context\\)",
-         "missing_field"),
-        ('{"instruction": 7, "output": "b"}', "alpaca", "field 'instruction' must be a string, got a number",
-         "wrong_type"),
+        (
+            '{"instruction": "a", "context": "c"}',
+            "dolly",
+            "missing field 'response' \\(dolly records need instruction, response and optionally context\\)",
+            "missing_field",
+        ),
+        (
+            '{"instruction": 7, "output": "b"}',
+            "alpaca",
+            "field 'instruction' must be a string, got a number",
+            "wrong_type",
+        ),
         ('["a", "b"]', "alpaca", "expected a JSON object, got a list", "wrong_type"),
-        ('{"instruction": "a", "instances": [{"input": "x"}]}', "self_instruct",
-         r"\(instance 0\): missing field 'output'", "missing_field"),
-        ('{"messages": ["hi", "hello"]}', "chat", r"\(message 0\): expected a JSON object, got a string",
-         "wrong_type"),
-        ('{"messages": [{"role": "user", "content": "hi"}]}', "chat", "at least one message before a last "
-         "message whose role is 'assistant'", "missing_field"),
+        (
+            '{"instruction": "a", "instances": [{"input": "x"}]}',
+            "self_instruct",
+            r"\(instance 0\): missing field 'output'",
+            "missing_field",
+        ),
+        ('{"messages": ["hi", "hello"]}', "chat", r"\(message 0\): expected a JSON object, got a string", "wrong_type"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}]}',
+            "chat",
+            "at least one message before a last message whose role is 'assistant'",
+            "missing_field",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_rows_name_file_line_and_problem(tmp_path, line, fmt, message, reason):
     path = _write_lines(tmp_path / "d.jsonl", [json.dumps(RECORDS[fmt]), line])
     row = list(read_rows(path))[1]
@@ -112,8 +136,9 @@ def test_alpaca_template_is_lmops_exact():
 
 def test_chat_template_option():
     tokenizer = load_tokenizer(hf_tokenizer_dir())
-    conversation = Example("Hi?", "", "Hello.", "f:3", ({"role": "system", "content": "Be brief."},
-                                                       {"role": "user", "content": "Hi?"}))  # fmt: skip
+    conversation = Example(
+        "Hi?", "", "Hello.", "f:3", ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"})
+    )
     assert render_prompt(conversation, "chat", tokenizer) == "<|system|>\nBe brief.\n<|user|>\nHi?\n<|assistant|>\n"
     plain = Example("Add the numbers.", "2 and 3", "5", "f:1")
     assert render_prompt(plain, "chat", tokenizer) == "<|user|>\nAdd the numbers.\n\n2 and 3\n<|assistant|>\n"

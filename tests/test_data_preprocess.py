@@ -39,22 +39,37 @@ def _references(prefix: Path) -> list[dict]:
 
 # Each format: one record and the instruction and input it gives (the prompt is their alpaca rendering).
 FORMAT_CASES = {
-    "dolly": ({"instruction": "Name a colour.", "context": "The sky.", "response": "Blue."},
-              "Name a colour.", "The sky.", "Blue."),
+    "dolly": (
+        {"instruction": "Name a colour.", "context": "The sky.", "response": "Blue."},
+        "Name a colour.",
+        "The sky.",
+        "Blue.",
+    ),
     "alpaca": ({"instruction": "Add 2 and 3.", "output": "5"}, "Add 2 and 3.", "", "5"),
-    "self_instruct": ({"instruction": "Translate.", "instances": [{"input": "cat", "output": "chat"}]},
-                      "Translate.", "cat", "chat"),
+    "self_instruct": (
+        {"instruction": "Translate.", "instances": [{"input": "cat", "output": "chat"}]},
+        "Translate.",
+        "cat",
+        "chat",
+    ),
     "prompt_completion": ({"prompt": "Is the sea wet?\n", "completion": " Yes"}, "Is the sea wet?\n", "", " Yes"),
-    "chat": ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
-             "Hi?", "", "Hello."),
-}  # fmt: skip
+    "chat": (
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+        "Hi?",
+        "",
+        "Hello.",
+    ),
+}
 
 
 @pytest.mark.parametrize("fmt", FORMAT_CASES)
 def test_round_trip_each_format(tmp_path, hf_dir, fmt):
     record, instruction, input_, response = FORMAT_CASES[fmt]
-    prompt = (ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_) if input_
-              else ALPACA_PROMPT.format(instruction=instruction))  # fmt: skip
+    prompt = (
+        ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_)
+        if input_
+        else ALPACA_PROMPT.format(instruction=instruction)
+    )
     path = tmp_path / "data.json"  # one JSON list: both file kinds go through the same reader
     path.write_text(json.dumps([record, record]), encoding="utf-8")
     summary = preprocess_instructions(InstructionConfig([str(path)], str(tmp_path / "out"), hf_dir))
@@ -68,12 +83,24 @@ def test_round_trip_each_format(tmp_path, hf_dir, fmt):
     assert prompt_ids.tolist() + response_ids.tolist() == tok.encode(prompt + response) + [tok.eos_id]
     assert data.prompt_lengths.tolist() == [len(prompt_ids)] * 2
     assert _references(tmp_path / "out_train")[1] == {
-        "source": f"{path}:1", "instruction": instruction, "input": input_, "prompt": prompt, "output": response}
+        "source": f"{path}:1",
+        "instruction": instruction,
+        "input": input_,
+        "prompt": prompt,
+        "output": response,
+    }
 
 
 def test_chat_template_and_sentencepiece_tokenizer(tmp_path):
-    records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                             {"role": "assistant", "content": "Hello."}]}]  # fmt: skip
+    records = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."},
+            ]
+        }
+    ]
     path = _jsonl(tmp_path / "chat.jsonl", records)
     preprocess_instructions(InstructionConfig([path], str(tmp_path / "hf"), str(hf_tokenizer_dir()), template="chat"))
     assert _references(tmp_path / "hf_train")[0]["prompt"] == "<|system|>\nBe brief.\n<|user|>\nHi?\n<|assistant|>\n"
@@ -113,14 +140,17 @@ def test_truncation_and_drops_are_counted(tmp_path, hf_dir):
     long_answer = {"instruction": "Tell a story.", "output": " ".join(["once upon a time"] * 40)}
     long_prompt = {"instruction": "Read this. " + "words " * 200, "output": "Done."}
     empty = {"instruction": "Say nothing.", "output": ""}
-    lengths = {k: len(tok.encode(ALPACA_PROMPT.format(instruction=r["instruction"])))
-               for k, r in (("short", short), ("long_answer", long_answer), ("long_prompt", long_prompt))}  # fmt: skip
+    lengths = {
+        k: len(tok.encode(ALPACA_PROMPT.format(instruction=r["instruction"])))
+        for k, r in (("short", short), ("long_answer", long_answer), ("long_prompt", long_prompt))
+    }
     max_prompt = max(lengths["short"], lengths["long_answer"])
     assert lengths["long_prompt"] > max_prompt
     max_length = max_prompt + 20
     path = _jsonl(tmp_path / "d.jsonl", [short, long_answer, long_prompt, empty])
-    config = InstructionConfig([path], str(tmp_path / "o"), hf_dir, max_prompt_length=max_prompt,
-                               max_length=max_length, append_eos=False)  # fmt: skip
+    config = InstructionConfig(
+        [path], str(tmp_path / "o"), hf_dir, max_prompt_length=max_prompt, max_length=max_length, append_eos=False
+    )
     summary = preprocess_instructions(config)
     assert (summary.written["train"], summary.truncated) == (2, 1)
     assert dict(summary.dropped) == {"prompt_too_long": 1, "empty_response": 1}
@@ -133,7 +163,10 @@ def test_truncation_and_drops_are_counted(tmp_path, hf_dir):
     summary = preprocess_instructions(config)
     assert dict(summary.dropped) == {"prompt_too_long": 1}
     assert [r[-1] == tok.eos_id for _, r in (InstructionDataset(tmp_path / "o_train")[i] for i in range(3))] == [
-        True, False, True]  # fmt: skip
+        True,
+        False,
+        True,
+    ]
 
 
 def test_split_is_deterministic(tmp_path, hf_dir):
@@ -158,16 +191,21 @@ def test_split_is_deterministic(tmp_path, hf_dir):
 
 
 def test_bad_rows_raise_with_file_line_or_are_skipped(tmp_path, hf_dir):
-    lines = ['{"instruction": "a", "output": "b"}', '{"instruction": "c", "output": ', '{"instruction": "e"}',
-             '{"instruction": "f", "output": "g"}']  # fmt: skip
+    lines = [
+        '{"instruction": "a", "output": "b"}',
+        '{"instruction": "c", "output": ',
+        '{"instruction": "e"}',
+        '{"instruction": "f", "output": "g"}',
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
     prefix = tmp_path / "o"
     with pytest.raises(DataFormatError, match=f"^{path}:2: bad JSON"):
         preprocess_instructions(InstructionConfig([str(path)], str(prefix), hf_dir, format="alpaca"))
     assert list(tmp_path.glob("o*")) == []  # nothing half-written is left
-    summary = preprocess_instructions(InstructionConfig([str(path)], str(prefix), hf_dir, skip_bad_lines=True,
-                                                        workers=2))  # fmt: skip
+    summary = preprocess_instructions(
+        InstructionConfig([str(path)], str(prefix), hf_dir, skip_bad_lines=True, workers=2)
+    )
     assert (summary.rows_read, summary.written["train"]) == (4, 2)
     assert dict(summary.bad_rows) == {"bad_json": 1, "missing_field": 1}
     assert "bad rows skipped: 2 (bad_json: 1, missing_field: 1)" in summary.report()
@@ -178,11 +216,30 @@ def test_bad_rows_raise_with_file_line_or_are_skipped(tmp_path, hf_dir):
 
 def test_cli_end_to_end_on_shipped_data(tmp_path, hf_dir):
     prefix = tmp_path / "t0"
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "instructions",
-                           "--input", str(DATA / "t0_train_600.jsonl"), "--tokenizer", hf_dir,
-                           "--output-prefix", str(prefix), "--split", "0.1", "--workers", "2",
-                           "--max-prompt-length", "384", "--max-length", "448"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "preprocess_data.py"),
+            "instructions",
+            "--input",
+            str(DATA / "t0_train_600.jsonl"),
+            "--tokenizer",
+            hf_dir,
+            "--output-prefix",
+            str(prefix),
+            "--split",
+            "0.1",
+            "--workers",
+            "2",
+            "--max-prompt-length",
+            "384",
+            "--max-length",
+            "448",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())["summary"]
     assert summary["rows_read"] == 600 and done.stdout.startswith("rows read: 600, bad rows skipped: 0\n")

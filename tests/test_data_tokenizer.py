@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from typing import Optional
 
 import pytest
 from tokenizer_zoo import hf_tokenizer_dir, sentencepiece_model
@@ -64,7 +63,7 @@ def test_load_errors_name_the_path(tmp_path):
 
 
 class _Fake(Tokenizer):
-    def __init__(self, tokens: list[str], eos: int = 0, bos: Optional[int] = None, pad: int = 0, path: str = ""):
+    def __init__(self, tokens: list[str], eos: int = 0, bos: int | None = None, pad: int = 0, path: str = ""):
         self._tokens, self.path = tokens, path
         self.eos_id, self.bos_id, self.pad_id, self.vocab_size = eos, bos, pad, len(tokens)
 
@@ -74,7 +73,7 @@ class _Fake(Tokenizer):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
-    def tokens(self) -> list[Optional[str]]:
+    def tokens(self) -> list[str | None]:
         return self._tokens
 
 
@@ -83,18 +82,28 @@ def test_compatibility_check():
     teacher = _Fake(vocab, path="T")
     check_tokenizers_compatible(teacher, _Fake(list(vocab), path="S"), 128, 128, tp=2)
     cases = [
-        (_Fake(["<eos>", "a", "B", "c"], path="S"), 128, 128, 1,
-         r"^token id 2 is 'b' in the teacher \(T\) and 'B' in the student \(S\)$"),
-        (_Fake(vocab + ["d", "e"], path="S"), 128, 128, 1,
-         r"vocabulary sizes differ: teacher \(T\) and student \(S\) have 4 and 6 tokens; the student has extra "
-         r"tokens from id 4 \('d', \.\.\.\)"),
+        (
+            _Fake(["<eos>", "a", "B", "c"], path="S"),
+            128,
+            128,
+            1,
+            r"^token id 2 is 'b' in the teacher \(T\) and 'B' in the student \(S\)$",
+        ),
+        (
+            _Fake(vocab + ["d", "e"], path="S"),
+            128,
+            128,
+            1,
+            r"vocabulary sizes differ: teacher \(T\) and student \(S\) have 4 and 6 tokens; the student has extra "
+            r"tokens from id 4 \('d', \.\.\.\)",
+        ),
         (_Fake(vocab, eos=3, path="S"), 128, 128, 1, r"special token eos_id differs: 0 in the teacher \(T\), 3 in"),
         (_Fake(vocab, bos=1, path="S"), 128, 128, 1, "special token bos_id differs: None in the teacher"),
         (_Fake(vocab, pad=2, path="S"), 128, 128, 1, "special token pad_id differs"),
         (_Fake(vocab, path="S"), 128, 256, 1, r"padded vocabulary sizes differ: 128 \(teacher\) and 256 \(student\)"),
         (_Fake(vocab, path="S"), 130, 130, 4, r"the padded vocabulary \(130\) is not divisible by TP=4"),
         (_Fake(vocab, path="S"), 2, 2, 1, r"the padded vocabulary \(2\) is smaller than the tokenizers' 4 tokens"),
-    ]  # fmt: skip
+    ]
     for student, padded_t, padded_s, tp, message in cases:
         with pytest.raises(TokenizerMismatchError, match=message):
             check_tokenizers_compatible(teacher, student, padded_t, padded_s, tp)
@@ -106,6 +115,9 @@ def test_compatibility_of_real_tokenizers():
     with pytest.raises(TokenizerMismatchError, match=r"^token id 0 is '<\|endoftext\|>' in the teacher .* and '<unk>'"):
         check_tokenizers_compatible(hf, load_tokenizer(sentencepiece_model()), 640, 640, tp=2)
     extended = load_tokenizer(hf_tokenizer_dir(extra_tokens=("<|tool|>",)))
-    with pytest.raises(TokenizerMismatchError, match=r"600 and 601 tokens; the student has extra tokens from id 600 "
-                                                     r"\('<\|tool\|>', \.\.\.\)"):  # fmt: skip
+    with pytest.raises(
+        TokenizerMismatchError,
+        match=r"600 and 601 tokens; the student has extra tokens from id 600 "
+        r"\('<\|tool\|>', \.\.\.\)",
+    ):
         check_tokenizers_compatible(hf, extended, 640, 640, tp=2)

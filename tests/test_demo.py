@@ -14,8 +14,14 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     env = os.environ | {"MASTER_PORT": str(free_port())}
 
     def demo() -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "scripts/demo.sh", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        return subprocess.run(
+            ["bash", "scripts/demo.sh", "--quick", "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
 
     run = demo()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
@@ -23,7 +29,9 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert [m["name"] for m in results["models"]] == ["teacher", "SFT", "MiniLLM", "KD"]
     assert results["info"]["layout"] == {"tp": 3, "pp": 1, "dp": 1}
     for model in results["models"]:
-        expected = {"rougeL", "ece", "length"} | ({"rkl@student", "rkl@teacher"} if model["name"] != "teacher" else set())
+        expected = {"rougeL", "ece", "length"} | (
+            {"rkl@student", "rkl@teacher"} if model["name"] != "teacher" else set()
+        )
         assert expected <= set(model["metrics"]), model["name"]
         assert all(math.isfinite(m["mean"]) for m in model["metrics"].values()), model
     assert (out / "eval" / "metric_rougeL.png").stat().st_size > 0

@@ -37,8 +37,13 @@ def _data_with_teacher_references(root: Path, teacher_hf: Path) -> Path:
     for record, prompt in zip(records, prompts, strict=True):  # one instance per row
         if len(prompt.ids) + 12 <= CONTEXT:
             ids = torch.tensor([prompt.ids])
-            greedy = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]  # fmt: skip
+            greedy = teacher.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :]
             record["instances"][0]["output"] = tokenizer.decode(greedy, skip_special_tokens=True)
     data = root / "selfinst.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -62,8 +67,12 @@ def _convert_and_evaluate(hf_dirs: dict[str, str], root: str, data: str) -> dict
     reports = {}
     for tp, pp in ((1, 1), (2, 2)):
         init_distributed(tp=tp, pp=pp)
-        reports[(tp, pp)] = evaluate_checkpoints([("student", f"{root}/student"), ("teacher_self", f"{root}/teacher")],
-                                                 data, cfg, teacher=("teacher", f"{root}/teacher"))  # fmt: skip
+        reports[(tp, pp)] = evaluate_checkpoints(
+            [("student", f"{root}/student"), ("teacher_self", f"{root}/teacher")],
+            data,
+            cfg,
+            teacher=("teacher", f"{root}/teacher"),
+        )
         parallel_state.destroy_model_parallel()
     return reports
 
@@ -75,8 +84,9 @@ def run(tmp_path_factory) -> dict:
     out = {}
     for name, seed, layers in (("student", 0, 2), ("teacher", 1, 4)):
         # sharpen 24: peaked next-token distributions whose confidences spread over the ECE bins
-        out[f"{name}_hf"] = llama_with_tokenizer(root / f"{name}_hf", seed, hf_tokenizer_dir(), layers=layers,
-                                                 context=CONTEXT, sharpen=24.0)  # fmt: skip
+        out[f"{name}_hf"] = llama_with_tokenizer(
+            root / f"{name}_hf", seed, hf_tokenizer_dir(), layers=layers, context=CONTEXT, sharpen=24.0
+        )
         out[name] = root / name
     out["data"] = _data_with_teacher_references(root, out["teacher_hf"])
     hf_dirs = {name: str(out[f"{name}_hf"]) for name in ("student", "teacher")}
@@ -107,11 +117,19 @@ def test_metrics_equal_plain_computations_and_are_layout_invariant(run):
         assert other[name].responses.tokens == e.responses.tokens, name
         assert other[name].results.metrics.keys() == e.results.metrics.keys()
         for metric, values in e.results.metrics.items():
-            torch.testing.assert_close(torch.tensor(other[name].results.metrics[metric]), torch.tensor(values),
-                                       atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} {metric}: {m}")  # fmt: skip
-    torch.testing.assert_close(torch.tensor(other["student"].results.exposure_bias.regret),
-                               torch.tensor(by_name["student"].results.exposure_bias.regret),
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+            torch.testing.assert_close(
+                torch.tensor(other[name].results.metrics[metric]),
+                torch.tensor(values),
+                atol=1e-5,
+                rtol=1e-5,
+                msg=lambda m: f"{name} {metric}: {m}",
+            )
+    torch.testing.assert_close(
+        torch.tensor(other["student"].results.exposure_bias.regret),
+        torch.tensor(by_name["student"].results.exposure_bias.regret),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(run["student_hf"])
     student_hf = transformers.AutoModelForCausalLM.from_pretrained(run["student_hf"]).eval()
@@ -138,16 +156,18 @@ def test_metrics_equal_plain_computations_and_are_layout_invariant(run):
                 fkl.append((log_p.exp() * (log_p - log_q)).sum(-1))
                 per_step[i, s, : len(response)], mask[i, s, : len(response)] = fkl[-1], 1.0
             for name, values in (("rkl", rkl), ("fkl", fkl)):
-                assert student.results.metrics[f"{name}@{source}"][s] == pytest.approx(torch.cat(values).mean().item(),
-                                                                                       rel=1e-4, abs=1e-6)  # fmt: skip
+                assert student.results.metrics[f"{name}@{source}"][s] == pytest.approx(
+                    torch.cat(values).mean().item(), rel=1e-4, abs=1e-6
+                )
         if source == "student":
             free_run = (per_step, mask)
         else:
             curve = exposure_bias(*free_run, per_step, mask)
     got = student.results.exposure_bias
     for field in ("regret", "teacher_forced", "exacc_err"):
-        torch.testing.assert_close(torch.tensor(getattr(got, field)), torch.tensor(getattr(curve, field)),
-                                   atol=1e-6, rtol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor(getattr(got, field)), torch.tensor(getattr(curve, field)), atol=1e-6, rtol=1e-4
+        )
 
     # Rouge-L (the references are the teacher's greedy answers: its samples score > 0) and lengths.
     refs = [p.reference for p in prompts]
@@ -155,10 +175,13 @@ def test_metrics_equal_plain_computations_and_are_layout_invariant(run):
         assert e.results.metrics["rougeL"] == pytest.approx([rouge(t, refs) for t in e.responses.tokens])
         assert e.results.metrics["length"] == pytest.approx([sum(map(len, t)) / len(t) for t in e.responses.tokens])
     assert min(teacher.results.metrics["rougeL"]) > 0
-    teacher_texts = [[tokenizer.decode(t, skip_special_tokens=True).strip() for t in per_seed]
-                     for per_seed in teacher.responses.tokens]  # fmt: skip
+    teacher_texts = [
+        [tokenizer.decode(t, skip_special_tokens=True).strip() for t in per_seed]
+        for per_seed in teacher.responses.tokens
+    ]
     assert student.results.metrics["rougeL_vs_teacher"] == pytest.approx(
-        [rouge(s, t) for s, t in zip(student.responses.tokens, teacher_texts)])  # fmt: skip
+        [rouge(s, t) for s, t in zip(student.responses.tokens, teacher_texts)]
+    )
 
     # ECE on the references, plainly: the tokens of prompt + reference, EOS appended, HF softmax.
     for name, hf in (("student", student_hf), ("teacher", teacher_hf)):
@@ -183,16 +206,48 @@ def test_metrics_equal_plain_computations_and_are_layout_invariant(run):
 
 def test_cli_end_to_end(run, tmp_path):
     out = tmp_path / "eval"
-    done = run_tool("tools/evaluate.py", "--teacher", str(run["teacher"]), "--load", str(run["student"]),
-                    "--name", "kd", "--data", str(run["data"]), "--tp", "1", "--pp", "2",
-                    "--seeds", *map(str, SEEDS), "--max-new-tokens", str(MAX_NEW), "--batch-size", "2",
-                    "--output-dir", str(out), nproc=4)  # fmt: skip
+    done = run_tool(
+        "tools/evaluate.py",
+        "--teacher",
+        str(run["teacher"]),
+        "--load",
+        str(run["student"]),
+        "--name",
+        "kd",
+        "--data",
+        str(run["data"]),
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+        "--seeds",
+        *map(str, SEEDS),
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--batch-size",
+        "2",
+        "--output-dir",
+        str(out),
+        nproc=4,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["results.json", "results.md", "responses.jsonl", "exacc_err.png", "metric_rougeL.png",
-                            "metric_ece.png", "metric_length.png", "metric_rougeL_vs_teacher.png",
-                            "metric_rkl_student.png", "metric_fkl_student.png", "metric_rkl_teacher.png",
-                            "metric_fkl_teacher.png"])  # fmt: skip
+    assert files == sorted(
+        [
+            "results.json",
+            "results.md",
+            "responses.jsonl",
+            "exacc_err.png",
+            "metric_rougeL.png",
+            "metric_ece.png",
+            "metric_length.png",
+            "metric_rougeL_vs_teacher.png",
+            "metric_rkl_student.png",
+            "metric_fkl_student.png",
+            "metric_rkl_teacher.png",
+            "metric_fkl_teacher.png",
+        ]
+    )
     assert all((out / f).read_bytes().startswith(PNG_MAGIC) for f in files if f.endswith(".png"))
     results = json.loads((out / "results.json").read_text())
     assert results["info"]["dropped_prompts"] == 1 and results["info"]["layout"] == {"tp": 1, "pp": 2, "dp": 2}
@@ -210,8 +265,15 @@ def test_cli_end_to_end(run, tmp_path):
 
 
 def test_cli_errors_are_clear(run, tmp_path):
-    common = ["tools/evaluate.py", "--data", str(run["data"]), "--output-dir", str(tmp_path / "out"),
-              "--max-new-tokens", "4"]  # fmt: skip
+    common = [
+        "tools/evaluate.py",
+        "--data",
+        str(run["data"]),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--max-new-tokens",
+        "4",
+    ]
     missing = run_tool(*common, "--load", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and f"checkpoint directory {tmp_path / 'nowhere'} does not exist" in missing.stderr
 

@@ -38,9 +38,25 @@ def _read(path: Path) -> list[dict]:
 
 def test_greedy_equals_transformers_and_mixed_is_layout_invariant(checkpoints, tmp_path):
     c = checkpoints
-    greedy = run_tool("tools/generate.py", "--load", str(c["student"]), "--tp", "2", "--pp", "2", "--prompts",
-                  str(c["prompts"]), "--max-new-tokens", "12", "--greedy", "--batch-size", "3",
-                  "--output", str(tmp_path / "greedy.jsonl"), nproc=4)  # fmt: skip
+    greedy = run_tool(
+        "tools/generate.py",
+        "--load",
+        str(c["student"]),
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--prompts",
+        str(c["prompts"]),
+        "--max-new-tokens",
+        "12",
+        "--greedy",
+        "--batch-size",
+        "3",
+        "--output",
+        str(tmp_path / "greedy.jsonl"),
+        nproc=4,
+    )
     assert greedy.returncode == 0, greedy.stderr[-3000:]
     hf = transformers.AutoModelForCausalLM.from_pretrained(c["student_hf"]).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(c["student_hf"])
@@ -49,8 +65,13 @@ def test_greedy_equals_transformers_and_mixed_is_layout_invariant(checkpoints, t
     for record, text in zip(records, TEXTS + ["The sea"]):
         ids = tokenizer(text, return_tensors="pt").input_ids
         with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :].tolist()  # fmt: skip
+            ref = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :].tolist()
         assert record["token_ids"] == ref, record["prompt"]
         assert record["text"] == tokenizer.decode(ref, skip_special_tokens=True)
         assert len(record["log_q"]) == len(ref) and all(v <= 0 for v in record["log_q"])
@@ -58,23 +79,52 @@ def test_greedy_equals_transformers_and_mixed_is_layout_invariant(checkpoints, t
     outputs = {}
     for nproc, tp, pp in ((4, 2, 2), (1, 1, 1)):
         out = tmp_path / f"mixed{tp}{pp}.jsonl"
-        done = run_tool("tools/generate.py", "--load", str(c["student"]), "--teacher", str(c["teacher"]),
-                    "--mix-alpha", "0.5", "--tp", str(tp), "--pp", str(pp), "--prompts", str(c["prompts"]),
-                    "--max-new-tokens", "10", "--top-k", "20", "--seed", "3", "--output", str(out),
-                    nproc=nproc)  # fmt: skip
+        done = run_tool(
+            "tools/generate.py",
+            "--load",
+            str(c["student"]),
+            "--teacher",
+            str(c["teacher"]),
+            "--mix-alpha",
+            "0.5",
+            "--tp",
+            str(tp),
+            "--pp",
+            str(pp),
+            "--prompts",
+            str(c["prompts"]),
+            "--max-new-tokens",
+            "10",
+            "--top-k",
+            "20",
+            "--seed",
+            "3",
+            "--output",
+            str(out),
+            nproc=nproc,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         outputs[tp] = _read(out)
     for a, b in zip(outputs[2], outputs[1]):
         assert a["token_ids"] == b["token_ids"]
         torch.testing.assert_close(torch.tensor(a["log_mix"]), torch.tensor(b["log_mix"]), atol=1e-5, rtol=1e-5)
-        mix = torch.logaddexp(torch.tensor(a["log_p"]) + torch.tensor(0.5).log(), torch.tensor(a["log_q"]) + torch.tensor(0.5).log())
+        mix = torch.logaddexp(
+            torch.tensor(a["log_p"]) + torch.tensor(0.5).log(), torch.tensor(a["log_q"]) + torch.tensor(0.5).log()
+        )
         torch.testing.assert_close(torch.tensor(a["log_mix"]), mix, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_errors_are_clear(checkpoints, tmp_path):
     c = checkpoints
-    common = ["tools/generate.py", "--load", str(c["student"]), "--prompts", str(c["prompts"]),
-              "--output", str(tmp_path / "x.jsonl")]  # fmt: skip
+    common = [
+        "tools/generate.py",
+        "--load",
+        str(c["student"]),
+        "--prompts",
+        str(c["prompts"]),
+        "--output",
+        str(tmp_path / "x.jsonl"),
+    ]
     bad_alpha = run_tool(*common, "--max-new-tokens", "4", "--teacher", str(c["teacher"]), "--mix-alpha", "1.5")
     assert bad_alpha.returncode == 2 and "mix_alpha must be in [0, 1], got 1.5" in bad_alpha.stderr
     bad_p = run_tool(*common, "--max-new-tokens", "4", "--top-p", "0")

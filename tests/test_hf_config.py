@@ -57,8 +57,13 @@ def _llama_dict_without_rope() -> dict:
 
 
 def test_transformers_4_rope_layout():
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}  # fmt: skip
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     arch = architecture_from_dict(_llama_dict_without_rope() | {"rope_theta": 500000.0, "rope_scaling": llama3})
     assert arch.rotary_base == 500000.0
     assert arch.rope_scaling == llama3
@@ -105,9 +110,15 @@ def test_unsupported_options(name, changes, named):
 
 def test_sliding_window_caps_positions():
     cfg = transformers.MistralConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=250, max_position_embeddings=64, sliding_window=16,
-    ).to_dict()  # fmt: skip
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=250,
+        max_position_embeddings=64,
+        sliding_window=16,
+    ).to_dict()
     assert architecture_from_dict(cfg).max_position_embeddings == 16
     assert architecture_from_dict(cfg | {"sliding_window": None}).max_position_embeddings == 64
     assert architecture_from_dict(cfg | {"sliding_window": 128}).max_position_embeddings == 64

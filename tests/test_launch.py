@@ -21,20 +21,45 @@ def _slurm_job_id_for_free_port() -> str:
 
 
 def test_smoke_test_under_srun_environment(tmp_path):
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
-    base.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=_slurm_job_id_for_free_port(),
-                OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # fmt: skip
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    base.update(
+        SLURM_NTASKS="2",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_ID=_slurm_job_id_for_free_port(),
+        OMP_NUM_THREADS="1",
+        TMPDIR=str(tmp_path),
+    )
     # Two ranks (the recipes' test launches TP=2 and PP=2 trainings the same way): the pipeline path.
-    cmd = [sys.executable, "-m", "megatron_minillm.smoke", "--tp", "1", "--pp", "2", "--iterations", "3",
-           "--seq-length", "32"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_minillm.smoke",
+        "--tp",
+        "1",
+        "--pp",
+        "2",
+        "--iterations",
+        "3",
+        "--seq-length",
+        "32",
+    ]
     procs = [
-        subprocess.Popen(cmd, env=base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            cmd,
+            env=base | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     lines = outs[0][0].splitlines()
     assert lines[0] == "layout: TP=1 PP=2 DP=1 on 2 ranks"
@@ -43,8 +68,9 @@ def test_smoke_test_under_srun_environment(tmp_path):
 
 
 def _check_layout(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "check_layout.py"), *args],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_layout.py"), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_check_layout_cli(tmp_path):

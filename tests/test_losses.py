@@ -14,8 +14,14 @@ from harness import run_distributed
 VOCAB, PADDED = 17, 24  # 24 splits over TP 1/2/4; at TP=4 the last slice [18, 24) is all padding
 BATCH, SEQ, T = 3, 5, 0.7
 LAM, BETA = 0.3, 0.4
-DIVERGENCES = ["reverse_kl", "forward_kl", "skew_forward_kl", "skew_reverse_kl", "generalized_jsd",
-               "total_variation_distance"]  # fmt: skip
+DIVERGENCES = [
+    "reverse_kl",
+    "forward_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "generalized_jsd",
+    "total_variation_distance",
+]
 ALL = ["token_log_probs", "entropy", *DIVERGENCES]
 FP32 = dict(atol=1e-5, rtol=1e-5)
 # bf16 logits: losses are computed in fp32 from the same (rounded) values, so values match to fp32
@@ -137,8 +143,9 @@ def _check_against_reference(data: dict, names: list[str], dtype: torch.dtype, c
         (got * data["weights"].to(got.dtype)).sum().backward()
         where = f"{name} at TP{tp} rank {rank}, {dtype}, chunks of {chunk_tokens}"
         torch.testing.assert_close(got.double(), ref.detach(), **value_tol, msg=lambda m: f"{where}: {m}")
-        torch.testing.assert_close(student.grad.double(), full_student.grad[..., shard], **grad_tol,
-                                   msg=lambda m: f"grad of {where}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            student.grad.double(), full_student.grad[..., shard], **grad_tol, msg=lambda m: f"grad of {where}: {m}"
+        )
         assert teacher.grad is None, f"{where}: the teacher got a gradient"
         assert not student.grad[2].any(), f"{where}: the all-masked sequence got a gradient"
 
@@ -154,20 +161,31 @@ def _check_reductions(data: dict) -> None:
     teacher = data["teacher"].float()
     for reduction in REDUCTIONS:
         full_student = data["student"].float().double().requires_grad_()
-        ref = _reference_reduce(reference("reverse_kl", _unpadded(full_student), _unpadded(teacher.double())),
-                                data["mask"].double(), reduction)  # fmt: skip
+        ref = _reference_reduce(
+            reference("reverse_kl", _unpadded(full_student), _unpadded(teacher.double())),
+            data["mask"].double(),
+            reduction,
+        )
         (ref * 0.5).sum().backward()
         student = full_student.detach()[..., shard].float().requires_grad_()
         got = _call("reverse_kl", student, data, teacher[..., shard], reduction=reduction)
         (got * 0.5).sum().backward()
         torch.testing.assert_close(got.double(), ref.detach(), **FP32, msg=lambda m: f"{reduction}: {m}")
-        torch.testing.assert_close(student.grad.double(), full_student.grad[..., shard], **FP32,
-                                   msg=lambda m: f"grad of {reduction}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            student.grad.double(), full_student.grad[..., shard], **FP32, msg=lambda m: f"grad of {reduction}: {m}"
+        )
     # The named single-step term: LMOps' token mean, or length-normalised.
     student = data["student"][..., shard].float()
     for length_normalize, reduction in ((False, "token_mean"), (True, "sequence_mean")):
-        got = minillm_single_step_loss(student, teacher[..., shard], data["mask"], temperature=T, vocab_size=VOCAB,
-                                       length_normalize=length_normalize, options=KernelOptions(**EAGER))  # fmt: skip
+        got = minillm_single_step_loss(
+            student,
+            teacher[..., shard],
+            data["mask"],
+            temperature=T,
+            vocab_size=VOCAB,
+            length_normalize=length_normalize,
+            options=KernelOptions(**EAGER),
+        )
         expected = _call("reverse_kl", student, data, teacher[..., shard], reduction=reduction)
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
@@ -175,7 +193,6 @@ def _check_reductions(data: dict) -> None:
 def _check_empty_and_errors(data: dict) -> None:
     """All-masked batches give 0 and a zero gradient; bad input fails with a clear message."""
     import megatron_minillm.losses as L
-
     from megatron_minillm.losses import REDUCTIONS
 
     student = data["student"][..., :PADDED].float().requires_grad_()
@@ -213,9 +230,17 @@ def _gradcheck() -> None:
     data.update(ids=data["ids"][:2, :3] % 7, mask=data["mask"][:2, :3])
     data["ids"][1, 2] = data["student"][1, 2, :7].argmax()  # a target the top-k mask keeps
     for name in ALL:
+
         def fn(x: torch.Tensor) -> torch.Tensor:
-            return _call(name, x, data, data["teacher"], vocab_size=7, reduction="per_sequence_mean",
-                         options=KernelOptions(chunk_tokens=2, **EAGER))  # fmt: skip
+            return _call(
+                name,
+                x,
+                data,
+                data["teacher"],
+                vocab_size=7,
+                reduction="per_sequence_mean",
+                options=KernelOptions(chunk_tokens=2, **EAGER),
+            )
 
         assert torch.autograd.gradcheck(fn, (data["student"].clone().requires_grad_(),)), name
 
@@ -235,9 +260,20 @@ def _all_layouts() -> list[str]:
         for chunk_tokens in (3, 64):  # partial last chunk, gathered rows / a single chunk
             _check_against_reference(data, ALL, torch.float32, chunk_tokens)
         # A student-only top-k mask: q_v = 0 where p_v > 0 (forward KL would be infinite).
-        _check_against_reference(student_only, ["token_log_probs", "entropy", "reverse_kl", "skew_forward_kl",
-                                                "skew_reverse_kl", "generalized_jsd",
-                                                "total_variation_distance"], torch.float32, 4)  # fmt: skip
+        _check_against_reference(
+            student_only,
+            [
+                "token_log_probs",
+                "entropy",
+                "reverse_kl",
+                "skew_forward_kl",
+                "skew_reverse_kl",
+                "generalized_jsd",
+                "total_variation_distance",
+            ],
+            torch.float32,
+            4,
+        )
         _check_against_reference(data, ["token_log_probs", "reverse_kl", "forward_kl"], torch.bfloat16, 4)
         _check_reductions(data)
         checked.append(f"TP{tp}")
@@ -261,8 +297,10 @@ def _compiled_matches_eager() -> list[str]:
     data = _inputs()
     checked = []
     compiled = dict(compiled=True)
-    cases = {1: [("reverse_kl", torch.float32, {}), ("reverse_kl", torch.bfloat16, compiled)],
-             2: [("reverse_kl", torch.float32, compiled), ("forward_kl", torch.float32, compiled)]}  # fmt: skip
+    cases = {
+        1: [("reverse_kl", torch.float32, {}), ("reverse_kl", torch.bfloat16, compiled)],
+        2: [("reverse_kl", torch.float32, compiled), ("forward_kl", torch.float32, compiled)],
+    }
     for tp, names in cases.items():
         init_distributed(tp=tp)  # the real path: the CPU platform layer is applied and dynamo must cope
         rank = parallel_state.get_tensor_model_parallel_rank()
@@ -303,8 +341,7 @@ def _compile_failure_falls_back_to_eager() -> int:
     x = data["student"].float().requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        values = [_call(name, x, data, data["teacher"].float(), options=L.KernelOptions(compiled=True))
-                  for name in ALL]
+        values = [_call(name, x, data, data["teacher"].float(), options=L.KernelOptions(compiled=True)) for name in ALL]
     for name, value in zip(ALL, values):
         torch.testing.assert_close(value, _call(name, x, data, data["teacher"].float()), **FP32)
     return sum("compiling the loss kernels failed" in str(w.message) for w in caught)

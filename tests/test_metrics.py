@@ -28,9 +28,11 @@ def test_rouge_l_hand_checked_and_equal_to_rouge_score():
     assert rouge_l("running dogs", "runs dog") == pytest.approx(100.0)  # Porter stemming
     assert rouge_l("a b c d", ["x y", "a c", "a b"]) == pytest.approx(200 / 3)  # best reference
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    pairs = [("The quick brown fox jumps.", "A quick brown dog jumps over it."),
-             ("Paris is the capital of France", "The capital of France is Paris."),
-             ("I don't know", "No idea, sorry")]  # fmt: skip
+    pairs = [
+        ("The quick brown fox jumps.", "A quick brown dog jumps over it."),
+        ("Paris is the capital of France", "The capital of France is Paris."),
+        ("I don't know", "No idea, sorry"),
+    ]
     for pred, ref in pairs:
         assert rouge_l(pred, ref) == pytest.approx(100 * scorer.score(ref, pred)["rougeL"].fmeasure)
     preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
@@ -63,8 +65,9 @@ def test_ece_hand_built():
 
 
 def test_next_token_ece_from_logits():
-    probs = torch.tensor([[[0.8, 0.1, 0.1], [0.2, 0.6, 0.2]], [[0.1, 0.15, 0.75], [0.5, 0.3, 0.2]]],
-                         dtype=torch.float64)  # fmt: skip
+    probs = torch.tensor(
+        [[[0.8, 0.1, 0.1], [0.2, 0.6, 0.2]], [[0.1, 0.15, 0.75], [0.5, 0.3, 0.2]]], dtype=torch.float64
+    )
     targets = torch.tensor([[0, 2], [2, 1]])  # argmax right, wrong, right, wrong
     mask = torch.tensor([[1, 1], [1, 0]])
     # bins: 0.8 -> (0.7, 0.8] right; 0.6 -> (0.5, 0.6] wrong; 0.75 -> (0.7, 0.8] right.
@@ -110,6 +113,7 @@ def test_exacc_err_hand_built():
 
 def test_length_stats():
     stats = length_stats([2, 4, 6, 8], max_length=8)
-    assert stats == pytest.approx({"mean": 5.0, "std": math.sqrt(5.0), "min": 2.0, "median": 5.0, "max": 8.0,
-                                   "at_max_length": 0.25})  # fmt: skip
+    assert stats == pytest.approx(
+        {"mean": 5.0, "std": math.sqrt(5.0), "min": 2.0, "median": 5.0, "max": 8.0, "at_max_length": 0.25}
+    )
     assert "at_max_length" not in length_stats([3])

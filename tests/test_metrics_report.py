@@ -33,8 +33,13 @@ def test_markdown_table():
 
 def test_write_report(tmp_path):
     paths = write_report(_results(), tmp_path / "report")
-    assert [p.name for p in paths] == ["results.json", "results.md", "exacc_err.png", "metric_rougeL.png",
-                                       "metric_ece.png"]  # fmt: skip
+    assert [p.name for p in paths] == [
+        "results.json",
+        "results.md",
+        "exacc_err.png",
+        "metric_rougeL.png",
+        "metric_ece.png",
+    ]
     data = json.loads(paths[0].read_text())
     assert [m["name"] for m in data["models"]] == ["teacher", "minillm", "kd"]
     rouge = data["models"][0]["metrics"]["rougeL"]

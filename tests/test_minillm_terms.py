@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from harness import run_distributed
 
 from megatron_minillm.algorithms import minillm
@@ -73,10 +72,16 @@ def _minillm_loss_with_and_without_policy_gradient():
     gen = torch.Generator().manual_seed(0)
     b, s, v = 2, 5, 11
     mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float32)
-    batch = {"kind": "minillm", "loss_mask": mask, "scale": 1.0 / mask.sum().item(),
-             "labels": torch.randint(v, (b, s), generator=gen), "teacher_logits": torch.randn(b, s, v, generator=gen),
-             "log_q_old": -1 - torch.rand(b, s, generator=gen), "weight": torch.ones(b, s),
-             "advantages": torch.randn(b, s, generator=gen)}  # fmt: skip
+    batch = {
+        "kind": "minillm",
+        "loss_mask": mask,
+        "scale": 1.0 / mask.sum().item(),
+        "labels": torch.randint(v, (b, s), generator=gen),
+        "teacher_logits": torch.randn(b, s, v, generator=gen),
+        "log_q_old": -1 - torch.rand(b, s, generator=gen),
+        "weight": torch.ones(b, s),
+        "advantages": torch.randn(b, s, generator=gen),
+    }
     student = torch.randn(b, s, v, generator=gen)
     out = {}
     for pg in (True, False):

@@ -45,8 +45,7 @@ def _parity(family: str) -> list[str]:
         model = build_model(arch)
         load_full_tensors(model, full)
 
-        assert_logits_match_hf(model, batches, ref_logits, arch.vocab_size, atol=1e-5,
-                               what=f"at TP{tp}xPP{pp}")  # fmt: skip
+        assert_logits_match_hf(model, batches, ref_logits, arch.vocab_size, atol=1e-5, what=f"at TP{tp}xPP{pp}")
 
         # Gradients through DDP + finalize_model_grads (DP all-reduce, tied-embedding all-reduce).
         ddp, _, _ = setup_model_and_optimizer(model, OptimizerConfig(lr=1e-3))
@@ -54,10 +53,14 @@ def _parity(family: str) -> list[str]:
         forward_backward(ddp, batches, lm_loss_func(arch.vocab_size))
         params = dict(model.named_parameters())
         for name, full_name in local_full_names(model).items():
-            expected = shard_tensor(full_grads[full_name], params[name], full_name,
-                                    model.config.gated_linear_unit)  # fmt: skip
-            torch.testing.assert_close(params[name].main_grad, expected, atol=2e-6, rtol=1e-4,
-                                       msg=lambda m: f"grad of {name} at TP{tp}xPP{pp}: {m}")  # fmt: skip
+            expected = shard_tensor(full_grads[full_name], params[name], full_name, model.config.gated_linear_unit)
+            torch.testing.assert_close(
+                params[name].main_grad,
+                expected,
+                atol=2e-6,
+                rtol=1e-4,
+                msg=lambda m: f"grad of {name} at TP{tp}xPP{pp}: {m}",
+            )
         checked.append(f"TP{tp}xPP{pp}")
         parallel_state.destroy_model_parallel()
     return checked

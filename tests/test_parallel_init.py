@@ -41,9 +41,12 @@ def test_expand_slurm_nodelist(nodelist, hosts):
 
 def _srun_env(procid: str, job_id: str = "4242") -> dict[str, str]:
     return {
-        "SLURM_PROCID": procid, "SLURM_NTASKS": "8", "SLURM_LOCALID": str(int(procid) % 4),
-        "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_JOB_ID": job_id,
-    }  # fmt: skip
+        "SLURM_PROCID": procid,
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": str(int(procid) % 4),
+        "SLURM_JOB_NODELIST": "gpu[001-002]",
+        "SLURM_JOB_ID": job_id,
+    }
 
 
 def test_env_from_slurm_fills_torchrun_variables():

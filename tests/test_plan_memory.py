@@ -21,11 +21,28 @@ from megatron_minillm.planning import (
     suggest_layouts,
 )
 
-LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=250, max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+LLAMA = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=250,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, vocab_size=250, n_positions=64)
-OPT = dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
-           vocab_size=250, max_position_embeddings=64, word_embed_proj_dim=64)  # fmt: skip
+OPT = dict(
+    model_type="opt",
+    hidden_size=64,
+    ffn_dim=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    vocab_size=250,
+    max_position_embeddings=64,
+    word_embed_proj_dim=64,
+)
 
 
 def _built_counts(configs: dict, tp: int, pp: int) -> dict:
@@ -43,8 +60,9 @@ def _built_counts(configs: dict, tp: int, pp: int) -> dict:
     for name, cfg in configs.items():
         model = build_model(architecture_from_dict(cfg))
         out[name] = sum(p.numel() for p in model.parameters())
-    ddp, optimizer, _ = setup_model_and_optimizer(build_model(architecture_from_dict(configs["llama"])),
-                                                  OptimizerConfig(lr=1e-3, use_distributed_optimizer=True))  # fmt: skip
+    ddp, optimizer, _ = setup_model_and_optimizer(
+        build_model(architecture_from_dict(configs["llama"])), OptimizerConfig(lr=1e-3, use_distributed_optimizer=True)
+    )
     out["buffer"] = sum(b.grad_data.numel() for b in ddp.buffers)
     out["grad_dtype"] = str(ddp.buffers[0].grad_data.dtype)
     del torch
@@ -59,10 +77,23 @@ def test_parameter_and_buffer_counts_equal_built_models():
         for name, cfg in configs.items():
             expected = sum(stage_parameters(architecture_from_dict(cfg), 2, 2, r["stage"]).values())
             assert r[name] == expected, (name, r["stage"], r[name], expected)
-        plan = PlanConfig(tp=2, pp=2, dp=1, micro_batch_size=1, global_batch_size=1, max_prompt_length=8,
-                          max_length=16, rollout_batch_size=1, rollout_micro_batch_size=1, dtype="fp32")  # fmt: skip
-        stage = next(b for b in plan_memory(None, architecture_from_dict(LLAMA), replace(plan, algorithm="sft"))
-                     if b.stage == r["stage"])  # fmt: skip
+        plan = PlanConfig(
+            tp=2,
+            pp=2,
+            dp=1,
+            micro_batch_size=1,
+            global_batch_size=1,
+            max_prompt_length=8,
+            max_length=16,
+            rollout_batch_size=1,
+            rollout_micro_batch_size=1,
+            dtype="fp32",
+        )
+        stage = next(
+            b
+            for b in plan_memory(None, architecture_from_dict(LLAMA), replace(plan, algorithm="sft"))
+            if b.stage == r["stage"]
+        )
         assert r["grad_dtype"] == "torch.float32"
         assert stage.terms["student grads (fp32 DDP buffer)"] == 4 * r["buffer"]
 
@@ -114,15 +145,22 @@ def test_terms_scale_as_documented():
     stages = {x.stage: x for x in plan_memory(teacher, student, replace(cfg, pp=2, dp=1))}
     assert stages[1].terms["teacher logits cache (rollouts)"] > 0 == stages[0].terms["teacher logits cache (rollouts)"]
     assert stages[0].terms["logits + loss gradients"] == 0 < stages[1].terms["logits + loss gradients"]
-    assert stages[0].terms["activations (train, in flight)"] > 1.9 * stages[1].terms["activations (train, in flight)"] / 1.2
+    assert (
+        stages[0].terms["activations (train, in flight)"]
+        > 1.9 * stages[1].terms["activations (train, in flight)"] / 1.2
+    )
 
 
 def test_layout_suggestions_respect_divisibility_and_memory():
-    teacher, student = resolve_model("smollm2-135m"), architecture_from_dict(dict(LLAMA, num_attention_heads=9,
-                                                                              num_key_value_heads=3, hidden_size=72,
-                                                                              num_hidden_layers=6))  # fmt: skip
-    cfg = PlanConfig(global_batch_size=96, micro_batch_size=1, rollout_batch_size=96, max_length=256,
-                     max_prompt_length=128)  # fmt: skip
+    teacher, student = (
+        resolve_model("smollm2-135m"),
+        architecture_from_dict(
+            dict(LLAMA, num_attention_heads=9, num_key_value_heads=3, hidden_size=72, num_hidden_layers=6)
+        ),
+    )
+    cfg = PlanConfig(
+        global_batch_size=96, micro_batch_size=1, rollout_batch_size=96, max_length=256, max_prompt_length=128
+    )
     layouts = suggest_layouts(teacher, student, cfg, nodes=2, gpus_per_node=6, gpu_memory_bytes=80 * 2**30)
     assert layouts and {x.tp for x in layouts} <= {1, 3}  # 9 heads, 3 KV heads; TP within a node of 6
     for x in layouts:
@@ -139,16 +177,54 @@ def test_layout_suggestions_respect_divisibility_and_memory():
 
 
 def test_cli(tmp_path):
-    done = run_tool("tools/plan_memory.py", "--teacher", "llama-13b", "--student", "llama-7b", "--gpus-per-node", "8",
-                    "--gpu-memory-gb", "80", "--config", "examples/configs/minillm.yaml", "--tp", "4", "--json")  # fmt: skip
+    done = run_tool(
+        "tools/plan_memory.py",
+        "--teacher",
+        "llama-13b",
+        "--student",
+        "llama-7b",
+        "--gpus-per-node",
+        "8",
+        "--gpu-memory-gb",
+        "80",
+        "--config",
+        "examples/configs/minillm.yaml",
+        "--tp",
+        "4",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["layout"]["dp"] == 2 and out["config"]["rollout_batch_size"] == 256  # from the YAML
     assert out["suggestions"] and all(s["peak_bytes"] <= 0.9 * 80 * 2**30 for s in out["suggestions"])
     (tmp_path / "config.json").write_text(json.dumps(GPT2))
-    done = run_tool("tools/plan_memory.py", "--student", str(tmp_path), "--teacher", "gpt2", "--tp", "3",
-                    "--max-length", "64", "--max-prompt-length", "32")  # fmt: skip
+    done = run_tool(
+        "tools/plan_memory.py",
+        "--student",
+        str(tmp_path),
+        "--teacher",
+        "gpt2",
+        "--tp",
+        "3",
+        "--max-length",
+        "64",
+        "--max-prompt-length",
+        "32",
+    )
     assert done.returncode == 2 and "TP=3 does not divide the 4 attention heads" in done.stderr
-    done = run_tool("tools/plan_memory.py", "--student", str(tmp_path), "--teacher", "gpt2", "--max-length", "64",
-                    "--max-prompt-length", "32", "--rollout-micro-batch-size", "4", "--gpus-per-node", "2")  # fmt: skip
+    done = run_tool(
+        "tools/plan_memory.py",
+        "--student",
+        str(tmp_path),
+        "--teacher",
+        "gpt2",
+        "--max-length",
+        "64",
+        "--max-prompt-length",
+        "32",
+        "--rollout-micro-batch-size",
+        "4",
+        "--gpus-per-node",
+        "2",
+    )
     assert done.returncode == 0 and "TP=1  PP=1  DP=2" in done.stdout and "GiB" in done.stdout

@@ -34,11 +34,19 @@ def test_apply_is_idempotent():
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import layers
 
-    before = (clip_grads.clip_grad_by_total_norm_fp32, optimizer.clip_grad_by_total_norm_fp32,
-              DistributedOptimizer.__init__, layers.torch)  # fmt: skip
+    before = (
+        clip_grads.clip_grad_by_total_norm_fp32,
+        optimizer.clip_grad_by_total_norm_fp32,
+        DistributedOptimizer.__init__,
+        layers.torch,
+    )
     cpu_compat.apply()
-    after = (clip_grads.clip_grad_by_total_norm_fp32, optimizer.clip_grad_by_total_norm_fp32,
-             DistributedOptimizer.__init__, layers.torch)  # fmt: skip
+    after = (
+        clip_grads.clip_grad_by_total_norm_fp32,
+        optimizer.clip_grad_by_total_norm_fp32,
+        DistributedOptimizer.__init__,
+        layers.torch,
+    )
     assert all(a is b for a, b in zip(before, after))
     clip = clip_grads.clip_grad_by_total_norm_fp32
     assert getattr(clip, "_minillm_cpu_patched", False)

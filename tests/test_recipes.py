@@ -29,29 +29,77 @@ DATA = ROOT / "examples" / "data"
 # The real models: the config.json fields our architecture mapping reads, as published on the Hub.
 
 _GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "activation_function": "gelu_new"}
-_OPT = {"model_type": "opt", "vocab_size": 50272, "max_position_embeddings": 2048, "activation_function": "relu",
-        "do_layer_norm_before": True}  # fmt: skip
-_LLAMA = {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 2048, "hidden_act": "silu",
-          "rms_norm_eps": 1e-6}  # fmt: skip
+_OPT = {
+    "model_type": "opt",
+    "vocab_size": 50272,
+    "max_position_embeddings": 2048,
+    "activation_function": "relu",
+    "do_layer_norm_before": True,
+}
+_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+}
 HF_CONFIGS = {
     "gpt2-xl": _GPT2 | {"n_embd": 1600, "n_layer": 48, "n_head": 25},
     "gpt2": _GPT2 | {"n_embd": 768, "n_layer": 12, "n_head": 12},
     "gpt2-medium": _GPT2 | {"n_embd": 1024, "n_layer": 24, "n_head": 16},
     "gpt2-large": _GPT2 | {"n_embd": 1280, "n_layer": 36, "n_head": 20},
-    "opt-13b": _OPT | {"hidden_size": 5120, "ffn_dim": 20480, "num_hidden_layers": 40, "num_attention_heads": 40,
-                       "word_embed_proj_dim": 5120},  # fmt: skip
-    "opt-1.3b": _OPT | {"hidden_size": 2048, "ffn_dim": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
-                        "word_embed_proj_dim": 2048},  # fmt: skip
-    "llama-13b": _LLAMA | {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                           "num_attention_heads": 40, "num_key_value_heads": 40},  # fmt: skip
-    "llama-7b": _LLAMA | {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                          "num_attention_heads": 32, "num_key_value_heads": 32},  # fmt: skip
-    "llama-2-70b": _LLAMA | {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                             "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 4096,
-                             "rms_norm_eps": 1e-5},  # fmt: skip
-    "llama-2-7b": _LLAMA | {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                            "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
-                            "rms_norm_eps": 1e-5},  # fmt: skip
+    "opt-13b": _OPT
+    | {
+        "hidden_size": 5120,
+        "ffn_dim": 20480,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "word_embed_proj_dim": 5120,
+    },
+    "opt-1.3b": _OPT
+    | {
+        "hidden_size": 2048,
+        "ffn_dim": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "word_embed_proj_dim": 2048,
+    },
+    "llama-13b": _LLAMA
+    | {
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+    },
+    "llama-7b": _LLAMA
+    | {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+    },
+    "llama-2-70b": _LLAMA
+    | {
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+    },
+    "llama-2-7b": _LLAMA
+    | {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+    },
 }
 # recipe -> (teacher, students, family data directory)
 RECIPE_MODELS = {
@@ -60,8 +108,15 @@ RECIPE_MODELS = {
     "llama-13b_to_llama-7b": ("llama-13b", ("llama-7b",), "llama"),
     "llama-70b_to_llama-7b": ("llama-2-70b", ("llama-2-7b",), "llama"),
 }
-STAGE_FILES = ("convert.sbatch", "train.sbatch", "evaluate.sbatch", "sft_teacher.yaml", "sft.yaml", "minillm.yaml",
-               "README.md")  # fmt: skip
+STAGE_FILES = (
+    "convert.sbatch",
+    "train.sbatch",
+    "evaluate.sbatch",
+    "sft_teacher.yaml",
+    "sft.yaml",
+    "minillm.yaml",
+    "README.md",
+)
 
 
 def _directives(script: Path) -> dict[str, str]:
@@ -92,8 +147,11 @@ def test_recipe_layouts_fit_the_real_models(recipe):
     assert "torchrun" not in text and "MASTER_ADDR" not in text and "MASTER_PORT" not in text
     assert re.search(r"^srun python -m megatron_minillm\.train ", text, flags=re.M), "srun must start the trainer"
 
-    for config, models in (("sft_teacher.yaml", [teacher_name]), ("sft.yaml", students),
-                           ("minillm.yaml", [teacher_name, *students])):  # fmt: skip
+    for config, models in (
+        ("sft_teacher.yaml", [teacher_name]),
+        ("sft.yaml", students),
+        ("minillm.yaml", [teacher_name, *students]),
+    ):
         cfg = load_config(str(folder / config))
         layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, world_size=world)
         for name in models:
@@ -107,7 +165,13 @@ def test_recipe_layouts_fit_the_real_models(recipe):
             steps = cfg.train_iters * cfg.ppo_epochs * cfg.rollout_batch_size // cfg.global_batch_size
             assert 4950 <= steps <= 5050 and cfg.lr == 5e-6 and cfg.lr_warmup_iters == 100
             assert cfg.lr_decay_style == ("cosine" if "llama" in recipe else "constant")
-            assert (cfg.mix_alpha, cfg.kd_ratio, cfg.lm_coef, cfg.reward_scaling, cfg.length_norm) == (0.2, 0.5, 1.0, 0.5, True)
+            assert (cfg.mix_alpha, cfg.kd_ratio, cfg.lm_coef, cfg.reward_scaling, cfg.length_norm) == (
+                0.2,
+                0.5,
+                1.0,
+                0.5,
+                True,
+            )
         else:
             assert cfg.algorithm == "sft" and cfg.global_batch_size == 32 and cfg.weight_decay == 1e-2
             assert cfg.lr_decay_style == "cosine" and cfg.lr_warmup_iters == 0
@@ -119,8 +183,10 @@ def test_recipe_layouts_fit_the_real_models(recipe):
     assert len(padded) == 1, padded
     for config in ("sft_teacher.yaml", "sft.yaml", "minillm.yaml"):
         assert next(iter(padded)) % load_config(str(folder / config)).tp == 0, config
-    for name, tasks in ((teacher_name, _default(convert, "TEACHER_TASKS")),
-                        *((s, _default(convert, "STUDENT_TASKS")) for s in students)):  # fmt: skip
+    for name, tasks in (
+        (teacher_name, _default(convert, "TEACHER_TASKS")),
+        *((s, _default(convert, "STUDENT_TASKS")) for s in students),
+    ):
         check_layout(arch[name], tp, int(tasks) // tp)
     evaluate = folder / "evaluate.sbatch"
     for name in students:
@@ -301,25 +367,43 @@ def _slurm_job_id_for_free_port() -> str:
     raise RuntimeError("no free port in [20000, ephemeral range)")
 
 
-def _tiny_hf(family: str, out: Path, tokenizer_dir: Path, layers: int, heads: int, hidden: int,
-             kv_heads: int = 0, seed: int = 0) -> None:  # fmt: skip
+def _tiny_hf(
+    family: str, out: Path, tokenizer_dir: Path, layers: int, heads: int, hidden: int, kv_heads: int = 0, seed: int = 0
+) -> None:
     """A random-init HF model of ``family`` with the test tokenizer, saved with its tokenizer."""
     import torch
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if family == "gpt2":
         config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, **ids)
     elif family == "opt":
-        config = transformers.OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
-                                        num_attention_heads=heads, max_position_embeddings=256,
-                                        word_embed_proj_dim=hidden, **ids)  # fmt: skip
+        config = transformers.OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            **ids,
+        )
     else:
-        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                          num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                                          max_position_embeddings=256, tie_word_embeddings=False, **ids)  # fmt: skip
+        config = transformers.LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads or heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            **ids,
+        )
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -330,10 +414,13 @@ def _tiny_hf(family: str, out: Path, tokenizer_dir: Path, layers: int, heads: in
 # 12/16/20 do. The LLaMA teachers share one stand-in with grouped-query attention (as LLaMA-2-70B) and
 # the LLaMA students another: the second LLaMA recipe finds both converted.
 STAND_INS = {
-    "gpt2-xl": ("gpt2", 2, 5, 40, 0), "gpt2": ("gpt2", 2, 4, 32, 0),
-    "opt-13b": ("opt", 2, 4, 32, 0), "opt-1.3b": ("opt", 2, 2, 32, 0),
-    "llama-13b": ("llama", 2, 4, 32, 2), "llama-7b": ("llama", 2, 4, 32, 0),
-}  # fmt: skip
+    "gpt2-xl": ("gpt2", 2, 5, 40, 0),
+    "gpt2": ("gpt2", 2, 4, 32, 0),
+    "opt-13b": ("opt", 2, 4, 32, 0),
+    "opt-1.3b": ("opt", 2, 2, 32, 0),
+    "llama-13b": ("llama", 2, 4, 32, 2),
+    "llama-7b": ("llama", 2, 4, 32, 0),
+}
 
 
 @pytest.fixture(scope="module")
@@ -350,26 +437,49 @@ def cluster(tmp_path_factory):
     (bin_dir / "srun").chmod(0o755)
     assert shutil.which("scontrol") is None  # our built-in node-list parser runs, as intended here
     socket_path = root / "zygote.sock"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                             "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith("SLURM_")
+    }
     env |= {
-        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{env['PATH']}", "OMP_NUM_THREADS": "1",
-        "REPO": str(ROOT), "MODEL_ROOT": str(models), "CKPT_ROOT": str(root / "ckpt"),
-        "DATA_ROOT": str(root / "data"), "EXPORT_ROOT": str(root / "export"), "EVAL_ROOT": str(root / "eval"),
-        "PREPROCESS_WORKERS": "1", "DOLLY_VALID": "4",
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{env['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "REPO": str(ROOT),
+        "MODEL_ROOT": str(models),
+        "CKPT_ROOT": str(root / "ckpt"),
+        "DATA_ROOT": str(root / "data"),
+        "EXPORT_ROOT": str(root / "export"),
+        "EVAL_ROOT": str(root / "eval"),
+        "PREPROCESS_WORKERS": "1",
+        "DOLLY_VALID": "4",
         # what sbatch puts in the batch script's environment for --nodes=1 --ntasks-per-node=2
-        "SLURM_JOB_ID": _slurm_job_id_for_free_port(), "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1",
-        "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_JOB_ID": _slurm_job_id_for_free_port(),
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_SUBMIT_DIR": str(ROOT),
         "FAKE_SRUN_ZYGOTE": str(socket_path),
-    }  # fmt: skip
+    }
     # The warm interpreter imports while the models are built.
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(socket_path)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE, str(socket_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     for seed, (name, (family, layers, heads, hidden, kv)) in enumerate(STAND_INS.items()):
         _tiny_hf(family, models / name, hf_tokenizer_dir(), layers, heads, hidden, kv, seed)
     rows = [json.loads(line) for line in (DATA / "t0_train_600.jsonl").read_text().splitlines()]
-    dolly = [{"instruction": r["prompt"][-120:], "context": "", "response": r["completion"][:200], "category": "qa"}
-             for r in rows[:40]]  # fmt: skip
+    dolly = [
+        {"instruction": r["prompt"][-120:], "context": "", "response": r["completion"][:200], "category": "qa"}
+        for r in rows[:40]
+    ]
     (raw / "databricks-dolly-15k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dolly))
     passages = (DATA / "t0_passages_300.jsonl").read_text().splitlines()[:12]
     for name in ("openwebtext.jsonl", "roberta_corpus.jsonl"):
@@ -385,15 +495,25 @@ def cluster(tmp_path_factory):
 def _sbatch(cluster: dict, recipe: str, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`bash` the sbatch file as the batch step would run it (the #SBATCH lines are comments)."""
     start = time.perf_counter()
-    done = subprocess.run(["bash", str(RECIPES / recipe / script), *args], cwd=ROOT, env=cluster["env"] | env,
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(RECIPES / recipe / script), *args],
+        cwd=ROOT,
+        env=cluster["env"] | env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     print(f"{recipe}/{script} {' '.join(args)}: {time.perf_counter() - start:.1f} s")
-    assert done.returncode == 0, f"{recipe}/{script} {args} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert done.returncode == 0, (
+        f"{recipe}/{script} {args} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    )
     return done
 
 
 # Small runs: 2 processes, short sequences, 1 iteration of 4 rollouts; the layout is set per recipe.
-TINY = "train_iters=1 max_prompt_length=40 max_length=48 global_batch_size=4 micro_batch_size=2 dtype=fp32 save_interval=0"
+TINY = (
+    "train_iters=1 max_prompt_length=40 max_length=48 global_batch_size=4 micro_batch_size=2 dtype=fp32 save_interval=0"
+)
 TINY_MINILLM = TINY + " rollout_batch_size=4 rollout_micro_batch_size=4 ppo_epochs=1 lr_warmup_iters=0"
 
 
@@ -414,8 +534,15 @@ def test_recipes_launch_through_their_sbatch_files(cluster):
     teacher = str(ckpt / "gpt2-xl")
     run = _sbatch(cluster, recipe, "train.sbatch", "minillm", TEACHER_CKPT=teacher, EXTRA_ARGS=TINY_MINILLM)
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-gpt2" / "latest").read_text().strip() == "1"
-    _sbatch(cluster, recipe, "evaluate.sbatch", TEACHER_CKPT=teacher, EVAL_SETS="dolly", EXPORT_TASKS="1",
-            EVAL_ARGS="--seeds 1 --max-new-tokens 4")  # fmt: skip
+    _sbatch(
+        cluster,
+        recipe,
+        "evaluate.sbatch",
+        TEACHER_CKPT=teacher,
+        EVAL_SETS="dolly",
+        EXPORT_TASKS="1",
+        EVAL_ARGS="--seeds 1 --max-new-tokens 4",
+    )
     results = json.loads((cluster["root"] / "eval" / "gpt2-xl_to_gpt2" / "dolly" / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == ["GPT-2 XL SFT", "SFT 120M", "MiniLLM 120M"]
     assert (cluster["root"] / "export" / "minillm-gpt2" / "config.json").is_file()
@@ -425,18 +552,39 @@ def test_recipes_launch_through_their_sbatch_files(cluster):
         (data / family).symlink_to(data / "gpt2")
     # OPT: converted at TP=1 (vocabulary 600 padded to 640), trained at TP=2 x DP=1.
     _sbatch(cluster, "opt-13b_to_opt-1.3b", "convert.sbatch", TP="1", TEACHER_TASKS="1", STUDENT_TASKS="1")
-    run = _sbatch(cluster, "opt-13b_to_opt-1.3b", "train.sbatch", "minillm", TEACHER_CKPT=str(ckpt / "opt-13b"),
-                  SFT_CKPT=str(ckpt / "opt-1.3b"), EXTRA_ARGS=TINY_MINILLM + " tp=2")  # fmt: skip
+    run = _sbatch(
+        cluster,
+        "opt-13b_to_opt-1.3b",
+        "train.sbatch",
+        "minillm",
+        TEACHER_CKPT=str(ckpt / "opt-13b"),
+        SFT_CKPT=str(ckpt / "opt-1.3b"),
+        EXTRA_ARGS=TINY_MINILLM + " tp=2",
+    )
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-opt-1.3b" / "iter_0000001").is_dir()
     # LLaMA-13B -> 7B at PP=2; LLaMA-2-70B (grouped-query attention) -> 7B at TP=2 on the same stand-ins.
     _sbatch(cluster, "llama-13b_to_llama-7b", "convert.sbatch", TP="1", TEACHER_TASKS="1", STUDENT_TASKS="1")
-    run = _sbatch(cluster, "llama-13b_to_llama-7b", "train.sbatch", "minillm", TEACHER_CKPT=str(ckpt / "llama-13b"),
-                  SFT_CKPT=str(ckpt / "llama-7b"), EXTRA_ARGS=TINY_MINILLM + " tp=1 pp=2")  # fmt: skip
+    run = _sbatch(
+        cluster,
+        "llama-13b_to_llama-7b",
+        "train.sbatch",
+        "minillm",
+        TEACHER_CKPT=str(ckpt / "llama-13b"),
+        SFT_CKPT=str(ckpt / "llama-7b"),
+        EXTRA_ARGS=TINY_MINILLM + " tp=1 pp=2",
+    )
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-llama-7b" / "iter_0000001").is_dir()
     (ckpt / "llama-2-70b").symlink_to(ckpt / "llama-13b")
     (ckpt / "llama-2-7b").symlink_to(ckpt / "llama-7b")
     done = _sbatch(cluster, "llama-70b_to_llama-7b", "convert.sbatch")  # defaults (TP=8 ...): nothing left to run
     assert "llama-2-70b exists, kept" in done.stdout and "llama-2-7b exists, kept" in done.stdout
-    run = _sbatch(cluster, "llama-70b_to_llama-7b", "train.sbatch", "minillm", TEACHER_CKPT=str(ckpt / "llama-2-70b"),
-                  SFT_CKPT=str(ckpt / "llama-2-7b"), EXTRA_ARGS=TINY_MINILLM + " tp=2 pp=1")  # fmt: skip
+    run = _sbatch(
+        cluster,
+        "llama-70b_to_llama-7b",
+        "train.sbatch",
+        "minillm",
+        TEACHER_CKPT=str(ckpt / "llama-2-70b"),
+        SFT_CKPT=str(ckpt / "llama-2-7b"),
+        EXTRA_ARGS=TINY_MINILLM + " tp=2 pp=1",
+    )
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-llama-2-7b" / "iter_0000001").is_dir()

@@ -38,8 +38,15 @@ def _modes():
 
     return {
         "greedy": SamplingParams(max_new_tokens=MAX_NEW, greedy=True),
-        "sampled": SamplingParams(max_new_tokens=MAX_NEW, min_new_tokens=2, temperature=0.7, top_k=40, top_p=0.9,
-                                  no_repeat_ngram_size=2, stop_ids=STOP_IDS),  # fmt: skip
+        "sampled": SamplingParams(
+            max_new_tokens=MAX_NEW,
+            min_new_tokens=2,
+            temperature=0.7,
+            top_k=40,
+            top_p=0.9,
+            no_repeat_ngram_size=2,
+            stop_ids=STOP_IDS,
+        ),
         "mixed": SamplingParams(max_new_tokens=MAX_NEW, mix_alpha=0.3, top_p=0.95, stop_ids=STOP_IDS),
     }
 
@@ -72,16 +79,25 @@ def _generate_at_every_layout(student_family: str, teacher_family: str) -> dict:
         mine = list(range(dp_rank, len(prompts), dp))  # a different batch composition at every DP size
         local = {}
         for mode, params in _modes().items():
-            rollout = generate(student, [prompts[i] for i in mine], params, sample_seeds(7, torch.tensor(mine)),
-                               vocab_size=VOCAB, teacher=teacher if params.mix_alpha else None)  # fmt: skip
+            rollout = generate(
+                student,
+                [prompts[i] for i in mine],
+                params,
+                sample_seeds(7, torch.tensor(mine)),
+                vocab_size=VOCAB,
+                teacher=teacher if params.mix_alpha else None,
+            )
             logps = [rollout.log_q] + ([rollout.log_p] if rollout.log_p is not None else []) + [rollout.log_mix]
             local[mode] = {  # rows are right-padded to this batch's longest response: keep what is generated
-                i: (rollout.tokens[j][rollout.mask[j]].tolist(), rollout.mask[j].tolist(),
+                i: (
+                    rollout.tokens[j][rollout.mask[j]].tolist(),
+                    rollout.mask[j].tolist(),
                     [lp[j][rollout.mask[j]].tolist() for lp in logps],
                     bool((rollout.tokens[j][~rollout.mask[j]] == 0).all()),
-                    all(bool((lp[j][~rollout.mask[j]] == 0).all()) for lp in logps))
+                    all(bool((lp[j][~rollout.mask[j]] == 0).all()) for lp in logps),
+                )
                 for j, i in enumerate(mine)
-            }  # fmt: skip
+            }
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         results[f"TP{tp}xPP{pp}"] = {m: {i: v for g in gathered for i, v in g[m].items()} for m in local}
@@ -141,16 +157,22 @@ def test_generation_matches_transformers_and_is_layout_invariant(generated, pair
                 n = len(res[mode][i][0])
                 assert res[mode][i][1] == [True] * n + [False] * (len(res[mode][i][1]) - n), "mask not a prefix"
                 assert res[mode][i][3] and res[mode][i][4], "padding after the end must be pad ids and 0 log-probs"
-                torch.testing.assert_close(torch.tensor(res[mode][i][2]), torch.tensor(first[mode][i][2]),
-                                           atol=1e-5, rtol=1e-5)  # fmt: skip
+                torch.testing.assert_close(
+                    torch.tensor(res[mode][i][2]), torch.tensor(first[mode][i][2]), atol=1e-5, rtol=1e-5
+                )
 
     student_hf, teacher_hf = _peaked(student), _peaked(teacher, seed=1)
     prompts, modes = _prompts(), _modes()
     stopped_early = 0
     for i, prompt in enumerate(prompts):
         # Greedy: token for token what transformers' generate does.
-        hf_out = student_hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                     max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)  # fmt: skip
+        hf_out = student_hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert first["greedy"][i][0] == hf_out[0, len(prompt) :].tolist(), f"greedy tokens of prompt {i}"
 
         for mode in ("sampled", "mixed"):
@@ -179,8 +201,15 @@ def _tiny_vocab_pair(vocab: int):
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=16)  # fmt: skip
+        config = tf.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=vocab,
+            max_position_embeddings=16,
+        )
         model = tf.LlamaForCausalLM(config).float().eval()
         with torch.no_grad():
             model.lm_head.weight.mul_(30.0)
@@ -203,8 +232,13 @@ def _processors_and_mixture(num_samples: int) -> dict:
     logits[0, 10] = logits[0, 77] = logits[0].max() + 1  # a tie for the top
     logits[1, :100] = float("-inf")  # e.g. masked by an earlier processor
     logits[2] = logits[2] * 20  # peaked: top-p keeps one token
-    cases = [dict(temperature=0.7, top_k=5), dict(top_p=0.8), dict(top_k=50, top_p=0.5, temperature=1.3),
-             dict(top_p=1e-6), dict(top_k=1)]  # fmt: skip
+    cases = [
+        dict(temperature=0.7, top_k=5),
+        dict(top_p=0.8),
+        dict(top_k=50, top_p=0.5, temperature=1.3),
+        dict(top_p=1e-6),
+        dict(top_k=1),
+    ]
     student_hf, teacher_hf = _tiny_vocab_pair(8)
     out = {"processed": {}, "mixture": {}}
     for tp in (4, 2, 1):
@@ -212,8 +246,9 @@ def _processors_and_mixture(num_samples: int) -> dict:
         shard = 256 // tp
         start = parallel_state.get_tensor_model_parallel_rank() * shard
         for c, kw in enumerate(cases):
-            got = processed_log_probs(logits[:, start : start + shard], SamplingParams(max_new_tokens=1, **kw), 250,
-                                      [[] for _ in logits])  # fmt: skip
+            got = processed_log_probs(
+                logits[:, start : start + shard], SamplingParams(max_new_tokens=1, **kw), 250, [[] for _ in logits]
+            )
             parts = [torch.empty_like(got) for _ in range(tp)]
             dist.all_gather(parts, got, group=parallel_state.get_tensor_model_parallel_group())
             out["processed"][(tp, c)] = torch.cat(parts, -1)
@@ -223,14 +258,18 @@ def _processors_and_mixture(num_samples: int) -> dict:
             ids = torch.arange(dp_rank, num_samples, dp)
             for alpha in (0.0, 0.3, 1.0):
                 params = SamplingParams(max_new_tokens=1, mix_alpha=alpha)
-                r = generate(student, [[1, 2, 3]] * len(ids), params, sample_seeds(11, ids), vocab_size=8, teacher=teacher)
+                r = generate(
+                    student, [[1, 2, 3]] * len(ids), params, sample_seeds(11, ids), vocab_size=8, teacher=teacher
+                )
                 row = torch.stack([r.tokens[:, 0].double(), r.log_q[:, 0], r.log_p[:, 0], r.log_mix[:, 0]])
                 if alpha == 0.0:  # pure student sampling draws exactly what sampling without a teacher draws
                     alone = generate(student, [[1, 2, 3]] * len(ids), params, sample_seeds(11, ids), vocab_size=8)
                     assert torch.equal(alone.tokens, r.tokens) and torch.equal(alone.log_q, r.log_q)
                 parts = [None] * dp
                 dist.all_gather_object(parts, (ids, row), group=parallel_state.get_data_parallel_group())
-                out["mixture"][(tp, alpha)] = torch.cat([p[1] for p in parts], 1)[:, torch.cat([p[0] for p in parts]).argsort()]
+                out["mixture"][(tp, alpha)] = torch.cat([p[1] for p in parts], 1)[
+                    :, torch.cat([p[0] for p in parts]).argsort()
+                ]
         parallel_state.destroy_model_parallel()
     return out
 
@@ -259,10 +298,18 @@ def test_processors_match_transformers_and_mixture_frequencies_match_alpha_p_plu
     logits[2] = logits[2] * 20
     from megatron_minillm.sampling import SamplingParams
 
-    for c, kw in enumerate([dict(temperature=0.7, top_k=5), dict(top_p=0.8), dict(top_k=50, top_p=0.5, temperature=1.3),
-                            dict(top_p=1e-6), dict(top_k=1)]):  # fmt: skip
-        ref = _processors(SamplingParams(max_new_tokens=1, **kw), 0)(torch.zeros(6, 1, dtype=torch.long),
-                                                                     logits[:, :250].clone()).log_softmax(-1)  # fmt: skip
+    for c, kw in enumerate(
+        [
+            dict(temperature=0.7, top_k=5),
+            dict(top_p=0.8),
+            dict(top_k=50, top_p=0.5, temperature=1.3),
+            dict(top_p=1e-6),
+            dict(top_k=1),
+        ]
+    ):
+        ref = _processors(SamplingParams(max_new_tokens=1, **kw), 0)(
+            torch.zeros(6, 1, dtype=torch.long), logits[:, :250].clone()
+        ).log_softmax(-1)
         got = out["processed"][(1, c)][:, :250]
         # Row 0 has two tied maxima: where top-p cuts between them, transformers keeps the one its
         # sort puts last and we keep both (the result must not depend on how the vocabulary is split).
@@ -298,9 +345,14 @@ def test_processors_match_transformers_and_mixture_frequencies_match_alpha_p_plu
 def test_sampling_params_reject_bad_values():
     from megatron_minillm.sampling import SamplingParams
 
-    for kw, message in [(dict(mix_alpha=1.5), "mix_alpha must be in \\[0, 1\\]"), (dict(mix_alpha=-0.1), "mix_alpha"),
-                        (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"), (dict(top_p=1.2), "top_p"),
-                        (dict(temperature=0.0), "temperature"), (dict(top_k=-1), "top_k"),
-                        (dict(min_new_tokens=9), "min_new_tokens")]:  # fmt: skip
+    for kw, message in [
+        (dict(mix_alpha=1.5), "mix_alpha must be in \\[0, 1\\]"),
+        (dict(mix_alpha=-0.1), "mix_alpha"),
+        (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
+        (dict(top_p=1.2), "top_p"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(min_new_tokens=9), "min_new_tokens"),
+    ]:
         with pytest.raises(ValueError, match=message):
             SamplingParams(max_new_tokens=8, **kw)

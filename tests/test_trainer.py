@@ -25,20 +25,46 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trainer")
     out = {}
     for name, layers, seed in (("teacher", 4, 1), ("student", 2, 0)):
-        hf_dir = llama_with_tokenizer(root / f"{name}_hf", seed, hf_tokenizer_dir(), layers=layers, context=128,
-                                      sharpen=4.0)  # fmt: skip
+        hf_dir = llama_with_tokenizer(
+            root / f"{name}_hf", seed, hf_tokenizer_dir(), layers=layers, context=128, sharpen=4.0
+        )
         # Converted by 2 processes at TP=2 (the converter's TP path; the vocabulary is padded for TP=2).
-        done = run_tool("tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / name),
-                        "--tp", "2", nproc=2)  # fmt: skip
+        done = run_tool(
+            "tools/checkpoint/convert.py",
+            "hf-to-mcore",
+            "--hf",
+            str(hf_dir),
+            "--out",
+            str(root / name),
+            "--tp",
+            "2",
+            nproc=2,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         out[name] = root / name
-    short = [line for line in (DATA / "t0_train_600.jsonl").read_text().splitlines()
-             if len(json.loads(line)["prompt"]) < 160][:80]  # fmt: skip
+    short = [
+        line for line in (DATA / "t0_train_600.jsonl").read_text().splitlines() if len(json.loads(line)["prompt"]) < 160
+    ][:80]
     (root / "inst.jsonl").write_text("\n".join(short) + "\n")
     (root / "pt.jsonl").write_text("\n".join((DATA / "t0_passages_300.jsonl").read_text().splitlines()[:20]) + "\n")
-    for args in (["instructions", "--input", str(root / "inst.jsonl"), "--output-prefix", str(root / "inst"),
-                  "--max-prompt-length", "64", "--max-length", "96", "--split", "8", "--template", "none"],
-                 ["pretrain", "--input", str(root / "pt.jsonl"), "--output-prefix", str(root / "pt")]):  # fmt: skip
+    for args in (
+        [
+            "instructions",
+            "--input",
+            str(root / "inst.jsonl"),
+            "--output-prefix",
+            str(root / "inst"),
+            "--max-prompt-length",
+            "64",
+            "--max-length",
+            "96",
+            "--split",
+            "8",
+            "--template",
+            "none",
+        ],
+        ["pretrain", "--input", str(root / "pt.jsonl"), "--output-prefix", str(root / "pt")],
+    ):
         done = run_tool("tools/preprocess_data.py", *args, "--tokenizer", str(out["student"]))
         assert done.returncode == 0, done.stderr[-2000:]
     out.update(data=root / "inst_train", pt=root / "pt_train", valid=root / "inst_valid.jsonl")
@@ -46,10 +72,23 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def _train_args(setup: dict[str, Path], *overrides: str) -> list[str]:
-    return ["-m", "megatron_minillm.train", f"student={setup['student']}", f"teacher={setup['teacher']}",
-            f"data={setup['data']}", f"pt_data={setup['pt']}", "max_prompt_length=64", "max_length=96",
-            "rollout_batch_size=8", "rollout_micro_batch_size=8", "global_batch_size=4", "micro_batch_size=2",
-            "lr=1e-3", "lr_warmup_iters=0", *overrides]  # fmt: skip
+    return [
+        "-m",
+        "megatron_minillm.train",
+        f"student={setup['student']}",
+        f"teacher={setup['teacher']}",
+        f"data={setup['data']}",
+        f"pt_data={setup['pt']}",
+        "max_prompt_length=64",
+        "max_length=96",
+        "rollout_batch_size=8",
+        "rollout_micro_batch_size=8",
+        "global_batch_size=4",
+        "micro_batch_size=2",
+        "lr=1e-3",
+        "lr_warmup_iters=0",
+        *overrides,
+    ]
 
 
 TIMING = ("rollout/score/train", "response tokens/s", "peak mem", "elapsed")
@@ -71,11 +110,21 @@ def test_minillm_at_tp2_pp2_dp2_equals_one_process(setup):
         done = run_tool(*_train_args(setup, f"tp={tp}", f"pp={pp}", "train_iters=2", "ppo_epochs=2"), nproc=nproc)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[tp] = _iterations(done.stdout)
-    assert len(runs[1]) == 2 and {"pg loss", "single-step loss", "pt lm loss", "pt kd loss", "reward",
-                                  "rkl to teacher", "response length"} <= runs[1][0].keys()  # fmt: skip
+    assert (
+        len(runs[1]) == 2
+        and {"pg loss", "single-step loss", "pt lm loss", "pt kd loss", "reward", "rkl to teacher", "response length"}
+        <= runs[1][0].keys()
+    )
     for a, b in zip(runs[2], runs[1], strict=True):
-        for key in ("pg loss", "single-step loss", "pt lm loss", "pt kd loss", "reward", "rkl to teacher",
-                    "response length"):  # fmt: skip
+        for key in (
+            "pg loss",
+            "single-step loss",
+            "pt lm loss",
+            "pt kd loss",
+            "reward",
+            "rkl to teacher",
+            "response length",
+        ):
             # 4 optimizer steps at lr 1e-3: reduction orders differ between layouts (fp32)
             assert a[key] == pytest.approx(b[key], abs=2e-3), (key, a, b)
 
@@ -104,8 +153,14 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
 
     resumed = tmp_path / "resumed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.Popen([sys.executable, *args, f"save={resumed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, *args, f"save={resumed}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while not (resumed / "latest").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -121,18 +176,50 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
 
 
 def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(setup, tmp_path):
-    runs = {"minillm": ["algorithm=minillm", "train_iters=30", "rollout_batch_size=8", "global_batch_size=8",
-                        "ppo_epochs=1"],
-            "sft": ["algorithm=sft", "train_iters=40", "global_batch_size=8"]}  # fmt: skip
+    runs = {
+        "minillm": [
+            "algorithm=minillm",
+            "train_iters=30",
+            "rollout_batch_size=8",
+            "global_batch_size=8",
+            "ppo_epochs=1",
+        ],
+        "sft": ["algorithm=sft", "train_iters=40", "global_batch_size=8"],
+    }
     for name, overrides in runs.items():
         done = run_tool(*_train_args(setup, *overrides, f"save={tmp_path / name}"))
         assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "eval"
-    done = run_tool("tools/evaluate.py", "--teacher", str(setup["teacher"]), "--load", str(setup["student"]),
-                    "--load", str(tmp_path / "minillm" / "iter_0000030"), "--load", str(tmp_path / "sft" / "iter_0000040"),
-                    "--name", "initial", "--name", "minillm", "--name", "sft", "--data", str(setup["valid"]),
-                    "--format", "alpaca", "--template", "none", "--seeds", "1", "2", "--max-new-tokens", "16",
-                    "--output-dir", str(out))  # fmt: skip
+    done = run_tool(
+        "tools/evaluate.py",
+        "--teacher",
+        str(setup["teacher"]),
+        "--load",
+        str(setup["student"]),
+        "--load",
+        str(tmp_path / "minillm" / "iter_0000030"),
+        "--load",
+        str(tmp_path / "sft" / "iter_0000040"),
+        "--name",
+        "initial",
+        "--name",
+        "minillm",
+        "--name",
+        "sft",
+        "--data",
+        str(setup["valid"]),
+        "--format",
+        "alpaca",
+        "--template",
+        "none",
+        "--seeds",
+        "1",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--output-dir",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {m["name"]: m["metrics"] for m in json.loads((out / "results.json").read_text())["models"]}
     rkl = {name: rows[name]["rkl@student"]["mean"] for name in ("initial", "minillm", "sft")}
@@ -176,4 +263,7 @@ def test_logged_numbers_equal_the_recorded_ones(setup):
         assert len(got[algorithm]) == len(rows)
         for a, b in zip(got[algorithm], rows):
             assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in b), (
-                algorithm, a, b)  # fmt: skip
+                algorithm,
+                a,
+                b,
+            )

@@ -10,8 +10,12 @@ from parity import hf_loss, lm_loss_func, micro_batches
 STEPS = 4
 LR, BETAS, EPS, WD, CLIP = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
 # (tp, pp, use_distributed_optimizer, overlap_grad_reduce, dtype, logits at the loss positions only)
-RUNS = [(2, 1, True, False, "fp32", False), (1, 2, False, True, "fp32", True), (2, 2, True, True, "fp32", True),
-        (2, 1, True, False, "bf16", False)]  # fmt: skip
+RUNS = [
+    (2, 1, True, False, "fp32", False),
+    (1, 2, False, True, "fp32", True),
+    (2, 2, True, True, "fp32", True),
+    (2, 1, True, False, "bf16", False),
+]
 # fp32 must match the unsharded run to rounding; bf16 params (fp32 main params and grads) only closely.
 TOLERANCE = {"fp32": dict(atol=2e-6, rtol=1e-5), "bf16": dict(atol=0.0, rtol=1e-2)}
 
@@ -61,11 +65,19 @@ def _train(family: str) -> list[list[float]]:
         load_full_tensors(model, full)
         ddp, optimizer, scheduler = setup_model_and_optimizer(
             model,
-            OptimizerConfig(lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS,
-                            weight_decay=WD, clip_grad=CLIP, use_distributed_optimizer=dist_opt,
-                            bf16=dtype == "bf16", params_dtype=model.config.params_dtype),
+            OptimizerConfig(
+                lr=LR,
+                adam_beta1=BETAS[0],
+                adam_beta2=BETAS[1],
+                adam_eps=EPS,
+                weight_decay=WD,
+                clip_grad=CLIP,
+                use_distributed_optimizer=dist_opt,
+                bf16=dtype == "bf16",
+                params_dtype=model.config.params_dtype,
+            ),
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap),
-        )  # fmt: skip
+        )
         dp_rank = parallel_state.get_data_parallel_rank()
         losses = []
         for batches in per_step:
@@ -73,19 +85,20 @@ def _train(family: str) -> list[list[float]]:
             if at_positions:
                 mine = [{**b, "logit_positions": logit_positions(b["loss_mask"])} for b in mine]
             metrics, _ = train_step(ddp, optimizer, scheduler, mine, lm_loss_func(arch.vocab_size))
-            local = torch.tensor(
-                [sum(m["lm loss"].item() for m in metrics) / len(mine) if metrics else 0.0]
-            )
+            local = torch.tensor([sum(m["lm loss"].item() for m in metrics) / len(mine) if metrics else 0.0])
             # Mean over DP of the last stage's losses (other stages report nothing).
             torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
             src = parallel_state.get_pipeline_model_parallel_last_rank()
             torch.distributed.broadcast(local, src, group=parallel_state.get_pipeline_model_parallel_group())
             losses.append(local.item() / layout.dp)
         torch.testing.assert_close(
-            torch.tensor(losses), torch.tensor(expected), **TOLERANCE[dtype],
-            msg=lambda m: f"TP{tp} PP{pp} distopt={dist_opt} {dtype} at positions {at_positions}: {losses} vs "
-                          f"{expected}: {m}",
-        )  # fmt: skip
+            torch.tensor(losses),
+            torch.tensor(expected),
+            **TOLERANCE[dtype],
+            msg=lambda m: (
+                f"TP{tp} PP{pp} distopt={dist_opt} {dtype} at positions {at_positions}: {losses} vs {expected}: {m}"
+            ),
+        )
         results.append(losses)
         if (tp, pp) == (2, 2):
             _nan_loss_stops_before_the_step(ddp, optimizer, scheduler, per_step[0], arch.vocab_size)
@@ -149,8 +162,12 @@ def _trainer_loss_at_positions() -> None:
         loss, metrics = Trainer._loss(stub, {**base, "kind": kind, "teacher_logits": teacher}, full_logits)
         loss.backward()
         compact_logits = student.flatten(0, 1)[positions][None].clone().requires_grad_()
-        compact = {**base, "kind": kind, "teacher_logits": teacher.flatten(0, 1)[positions][None],
-                   "logit_positions": positions}  # fmt: skip
+        compact = {
+            **base,
+            "kind": kind,
+            "teacher_logits": teacher.flatten(0, 1)[positions][None],
+            "logit_positions": positions,
+        }
         loss_c, metrics_c = Trainer._loss(stub, compact, compact_logits)
         loss_c.backward()
         torch.testing.assert_close(loss_c, loss, msg=lambda m: f"{kind}: {m}")

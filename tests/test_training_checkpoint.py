@@ -46,10 +46,18 @@ def _student(seed: int, load_weights: bool):
         # min_lr must be set: megatron's cosine decay fails on the param groups' default None
         OptimizerConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1, clip_grad=1.0, use_distributed_optimizer=True),
         DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-        train_iters=STEPS, lr_warmup_iters=1, lr_decay_style="cosine",
-    )  # fmt: skip
-    meta = CheckpointMetadata(model_type=arch.model_type, family=arch.family, vocab_size=arch.vocab_size,
-                              padded_vocab_size=model.vocab_size, dtype="fp32", source="tests/hf_zoo.py")  # fmt: skip
+        train_iters=STEPS,
+        lr_warmup_iters=1,
+        lr_decay_style="cosine",
+    )
+    meta = CheckpointMetadata(
+        model_type=arch.model_type,
+        family=arch.family,
+        vocab_size=arch.vocab_size,
+        padded_vocab_size=model.vocab_size,
+        dtype="fp32",
+        source="tests/hf_zoo.py",
+    )
     return arch, ddp, optimizer, scheduler, meta
 
 
@@ -120,8 +128,9 @@ def _save_and_resume(save_dir: Path, hf_dir: Path) -> dict:
 
     arch, ddp, optimizer, scheduler, meta = _student(seed=1, load_weights=True)
     resumed = [_step(arch, ddp, optimizer, scheduler, s) for s in range(SAVE_AT)]
-    save_training_checkpoint(save_dir, SAVE_AT, ddp, optimizer, scheduler, {"next_step": SAVE_AT},
-                             metadata=meta, hf_dir=hf_dir)  # fmt: skip
+    save_training_checkpoint(
+        save_dir, SAVE_AT, ddp, optimizer, scheduler, {"next_step": SAVE_AT}, metadata=meta, hf_dir=hf_dir
+    )
     at_save = _full_state(ddp, optimizer)
 
     arch, ddp, optimizer, scheduler, meta = _student(seed=999, load_weights=False)  # all from scratch
@@ -131,7 +140,7 @@ def _save_and_resume(save_dir: Path, hf_dir: Path) -> dict:
     resumed += [_step(arch, ddp, optimizer, scheduler, s) for s in range(state["next_step"], STEPS)]
 
     for a, b in zip(straight_draws, resumed_draws, strict=True):
-        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), (straight_draws, resumed_draws)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, (straight_draws, resumed_draws)
     assert straight == resumed, f"losses straight {straight} vs resumed {resumed}"
     for name, param in ddp.module.named_parameters():
         assert torch.equal(param, straight_params[name]), f"{name} differs after resuming"
@@ -168,8 +177,9 @@ def _resume_at_dp1(save_dir: Path, hf_dir: Path, broken: Path, model_only: Path,
     losses = [_step(arch, ddp, optimizer, scheduler, s) for s in range(state["next_step"], STEPS)]
 
     # Saving over the stale iter_0000004.partial; the result is also a plain model checkpoint.
-    out = save_training_checkpoint(save_dir, STEPS, ddp, optimizer, scheduler, {"next_step": STEPS},
-                                   metadata=meta, hf_dir=hf_dir)  # fmt: skip
+    out = save_training_checkpoint(
+        save_dir, STEPS, ddp, optimizer, scheduler, {"next_step": STEPS}, metadata=meta, hf_dir=hf_dir
+    )
     plain, _, _ = load_model(out)
     for (name, a), b in zip(ddp.module.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(a, b), f"{name} differs when {out} is loaded as a plain model checkpoint"
@@ -192,8 +202,9 @@ def _resume_at_dp1(save_dir: Path, hf_dir: Path, broken: Path, model_only: Path,
         "broken": _outcome(lambda: load_training_checkpoint(broken, ddp, optimizer, scheduler)),
         "model_only": _outcome(lambda: load_training_checkpoint(model_only, ddp, optimizer, scheduler)),
         "empty": _outcome(lambda: load_training_checkpoint(empty, ddp, optimizer, scheduler)),
-        "shape": _outcome(lambda: load_training_checkpoint(save_dir, build_model(shallow), optimizer, scheduler,
-                                                           shallow)),  # fmt: skip
+        "shape": _outcome(
+            lambda: load_training_checkpoint(save_dir, build_model(shallow), optimizer, scheduler, shallow)
+        ),
         "preempted": (before, after),
     }
 
@@ -242,19 +253,25 @@ def test_resume_at_another_dp_size(first_run, second_run):
         for name, tensor in r["loaded"].items():
             assert np.array_equal(tensor, expected[name]), f"TP rank {r['tp']}: {name} differs after resharding"
     # The same global batch split over 1 instead of 2 DP ranks: only the reduction order differs.
-    torch.testing.assert_close(torch.tensor(second_run[0]["losses"]), torch.tensor(first_run[0]["losses"][SAVE_AT:]),
-                               atol=1e-6, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(second_run[0]["losses"]), torch.tensor(first_run[0]["losses"][SAVE_AT:]), atol=1e-6, rtol=0
+    )
     assert any("RNG states restored per TP x PP rank only" in w for w in second_run[0]["warnings"])
 
 
 def test_partial_saves_errors_and_preemption(second_run, dirs):
     for r in second_run:
         assert r["iteration"] == SAVE_AT, "latest, not the newer stale iter_0000004.partial, is loaded"
-        assert re.fullmatch(r"NotACheckpointError: .*/broken/latest names iteration 7, but .*/iter_0000007 does "
-                            r"not exist; .*/iter_0000007\.partial is a half-written save, not a checkpoint",
-                            r["broken"]), r["broken"]  # fmt: skip
-        assert re.fullmatch(r"NotACheckpointError: .*/iter_0000001 is not a training checkpoint "
-                            r"\(no training_state.json\)", r["model_only"]), r["model_only"]  # fmt: skip
+        assert re.fullmatch(
+            r"NotACheckpointError: .*/broken/latest names iteration 7, but .*/iter_0000007 does "
+            r"not exist; .*/iter_0000007\.partial is a half-written save, not a checkpoint",
+            r["broken"],
+        ), r["broken"]
+        assert re.fullmatch(
+            r"NotACheckpointError: .*/iter_0000001 is not a training checkpoint "
+            r"\(no training_state.json\)",
+            r["model_only"],
+        ), r["model_only"]
         assert r["empty"] == "returned None"
         assert "CheckpointMismatchError" in r["shape"] and "num_layers: checkpoint 4 vs model 2" in r["shape"], r
         assert r["preempted"] == (False, True), "SIGTERM on rank 1 must stop every rank"

@@ -19,9 +19,16 @@ from megatron_minillm.models import architecture_from_dict, padded_vocab_size
 
 @pytest.mark.parametrize(
     "vocab, tp, divisible_by, padded",
-    [(250, 1, 128, 256), (250, 2, 128, 256), (257, 2, 128, 512), (49152, 4, 128, 49152),
-     (250, 4, 1, 252), (257, 1, 1, 257), (256, 1, 128, 256)],
-)  # fmt: skip
+    [
+        (250, 1, 128, 256),
+        (250, 2, 128, 256),
+        (257, 2, 128, 512),
+        (49152, 4, 128, 49152),
+        (250, 4, 1, 252),
+        (257, 1, 1, 257),
+        (256, 1, 128, 256),
+    ],
+)
 def test_padded_vocab_size(vocab, tp, divisible_by, padded):
     assert padded_vocab_size(vocab, tp, divisible_by) == padded
 
@@ -67,9 +74,13 @@ def test_interleave_qkv_layout():
     v = 200 + torch.arange(6).unsqueeze(1).repeat(1, 2)
     qkv = interleave_qkv(arch, q, k, v)
     expected = (
-        list(range(0, 6)) + [100, 101, 102] + [200, 201, 202]  # group 0: heads 0, 1, then k0, v0
-        + list(range(6, 12)) + [103, 104, 105] + [203, 204, 205]  # group 1: heads 2, 3, then k1, v1
-    )  # fmt: skip
+        list(range(0, 6))
+        + [100, 101, 102]
+        + [200, 201, 202]  # group 0: heads 0, 1, then k0, v0
+        + list(range(6, 12))
+        + [103, 104, 105]
+        + [203, 204, 205]  # group 1: heads 2, 3, then k1, v1
+    )
     assert qkv[:, 0].tolist() == expected and torch.equal(qkv[:, 0], qkv[:, 1])
     q2, k2, v2 = split_qkv(arch, qkv)
     assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)

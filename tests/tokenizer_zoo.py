@@ -22,7 +22,7 @@ def corpus(max_texts: int = 120) -> list[str]:
     return [json.loads(line)["text"] for line in lines]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_tokenizer_dir(vocab_size: int = 600, chat: bool = True, extra_tokens: tuple[str, ...] = ()) -> Path:
     """A byte-level BPE (GPT-2 style) wrapped as a PreTrainedTokenizerFast and saved with save_pretrained."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -31,12 +31,20 @@ def hf_tokenizer_dir(vocab_size: int = 600, chat: bool = True, extra_tokens: tup
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                      pad_token="<|pad|>", chat_template=CHAT_TEMPLATE if chat else None)  # fmt: skip
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE if chat else None,
+    )
     if extra_tokens:
         wrapped.add_tokens(list(extra_tokens))
     out = Path(tempfile.mkdtemp(prefix="hf-tok-"))
@@ -44,7 +52,7 @@ def hf_tokenizer_dir(vocab_size: int = 600, chat: bool = True, extra_tokens: tup
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sentencepiece_model(vocab_size: int = 400) -> Path:
     """A unigram sentencepiece .model with bos/eos/pad pieces and text kept as is (no normalization)."""
     import sentencepiece
@@ -53,10 +61,20 @@ def sentencepiece_model(vocab_size: int = 400) -> Path:
     text = out / "corpus.txt"
     text.write_text("\n".join(t.replace("\n", " ") for t in corpus()), encoding="utf-8")
     sentencepiece.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(out / "spm"), vocab_size=vocab_size, model_type="unigram",
-        character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
-    )  # fmt: skip
+        input=str(text),
+        model_prefix=str(out / "spm"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        minloglevel=2,
+    )
     return out / "spm.model"
 
 

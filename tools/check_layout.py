@@ -16,8 +16,12 @@ from megatron_minillm.parallel import LayoutError, ParallelLayout
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", action="append", required=True,
-                        help="HF model directory or config.json (repeat for teacher and student)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="HF model directory or config.json (repeat for teacher and student)",
+    )
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--world-size", type=int, required=True)

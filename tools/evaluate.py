@@ -47,13 +47,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
     parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="0: off")
     parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=DEFAULTS.no_repeat_ngram_size,
-                        help="0: off")  # fmt: skip
-    parser.add_argument("--max-prompt-length", type=int, default=DEFAULTS.max_prompt_length,
-                        help="longer prompts are dropped (the cap is also context - --max-new-tokens)")  # fmt: skip
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=DEFAULTS.no_repeat_ngram_size, help="0: off")
+    parser.add_argument(
+        "--max-prompt-length",
+        type=int,
+        default=DEFAULTS.max_prompt_length,
+        help="longer prompts are dropped (the cap is also context - --max-new-tokens)",
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="sequences per batch and DP rank")
-    parser.add_argument("--exposure-bias-length", type=int,
-                        help="steps of the ExAccErr curve (default: --max-new-tokens)")  # fmt: skip
+    parser.add_argument(
+        "--exposure-bias-length", type=int, help="steps of the ExAccErr curve (default: --max-new-tokens)"
+    )
     parser.add_argument("--ece-bins", type=int, default=DEFAULTS.ece_bins)
     args = parser.parse_args()
     if args.name is not None and len(args.name) != len(args.load):
@@ -63,10 +67,17 @@ def parse_args() -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     cfg = EvalConfig(
-        seeds=tuple(args.seeds), max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, no_repeat_ngram_size=args.no_repeat_ngram_size, max_prompt_length=args.max_prompt_length,
-        batch_size=args.batch_size, exposure_bias_length=args.exposure_bias_length, ece_bins=args.ece_bins,
-    )  # fmt: skip
+        seeds=tuple(args.seeds),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
+        exposure_bias_length=args.exposure_bias_length,
+        ece_bins=args.ece_bins,
+    )
     out = Path(args.output_dir)
     refuse_existing(out, args.overwrite)  # before hours of evaluation, not after
     names = args.name or [Path(p).name for p in args.load]
@@ -76,17 +87,25 @@ def run(args: argparse.Namespace) -> None:
     log.addHandler(logging.StreamHandler())
     log.propagate = False  # a root handler set up by an import would print every line twice
     log.setLevel(logging.INFO if rank0 else logging.WARNING)
-    report = evaluate_checkpoints(list(zip(names, args.load)), args.data, cfg, fmt=args.format, template=args.template,
-                                  teacher=(args.teacher_name, args.teacher) if args.teacher else None,
-                                  progress=True)  # fmt: skip
+    report = evaluate_checkpoints(
+        list(zip(names, args.load)),
+        args.data,
+        cfg,
+        fmt=args.format,
+        template=args.template,
+        teacher=(args.teacher_name, args.teacher) if args.teacher else None,
+        progress=True,
+    )
     with atomic_directory(out, args.overwrite) as tmp:
         if rank0:
             write_evaluation(report, tmp)
     if rank0:
         print(markdown_table([e.results for e in report.evaluations]), end="")
         info = report.info
-        print(f"{info['prompts']} prompts ({info['dropped_prompts']} dropped: longer than "
-              f"{info['max_prompt_length']} tokens), seeds {list(cfg.seeds)}; wrote {out}")  # fmt: skip
+        print(
+            f"{info['prompts']} prompts ({info['dropped_prompts']} dropped: longer than "
+            f"{info['max_prompt_length']} tokens), seeds {list(cfg.seeds)}; wrote {out}"
+        )
 
 
 def main() -> int:

@@ -59,10 +59,15 @@ def parse_args() -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, greedy=args.greedy,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, mix_alpha=args.mix_alpha,
-    )  # fmt: skip
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        mix_alpha=args.mix_alpha,
+    )
     if args.mix_alpha and not args.teacher:
         raise GenerationError("--mix-alpha needs --teacher")
     init_distributed(tp=args.tp, pp=args.pp, seed=args.seed)
@@ -72,13 +77,22 @@ def run(args: argparse.Namespace) -> None:
     if args.teacher:
         teacher_tokenizer = load_tokenizer(args.teacher)
         teacher, teacher_arch, teacher_meta = load_model(args.teacher)
-        check_tokenizers_compatible(teacher_tokenizer, tokenizer, teacher_meta.padded_vocab_size,
-                                    meta.padded_vocab_size, args.tp)  # fmt: skip
+        check_tokenizers_compatible(
+            teacher_tokenizer, tokenizer, teacher_meta.padded_vocab_size, meta.padded_vocab_size, args.tp
+        )
     params = dataclasses.replace(params, stop_ids=(tokenizer.eos_id, *args.stop_ids))
     prompts = load_prompts(args.prompts, tokenizer, args.format, args.template)
-    samples = generate_all(model, [p.ids for p in prompts], params, args.seed, vocab_size=arch.vocab_size,
-                           batch_size=args.batch_size, teacher=teacher, pad_id=tokenizer.pad_id,
-                           progress=True)  # fmt: skip
+    samples = generate_all(
+        model,
+        [p.ids for p in prompts],
+        params,
+        args.seed,
+        vocab_size=arch.vocab_size,
+        batch_size=args.batch_size,
+        teacher=teacher,
+        pad_id=tokenizer.pad_id,
+        progress=True,
+    )
     if dist.get_rank() != 0:
         return
     out = Path(args.output)
@@ -86,8 +100,13 @@ def run(args: argparse.Namespace) -> None:
     partial = out.with_name(out.name + ".partial")
     with partial.open("w", encoding="utf-8") as f:
         for i, (prompt, sample) in enumerate(zip(prompts, samples)):
-            record = {"index": i, "prompt": prompt.text, "text": tokenizer.decode(sample.tokens),
-                      "token_ids": sample.tokens, "log_q": sample.log_q}  # fmt: skip
+            record = {
+                "index": i,
+                "prompt": prompt.text,
+                "text": tokenizer.decode(sample.tokens),
+                "token_ids": sample.tokens,
+                "log_q": sample.log_q,
+            }
             if sample.log_p is not None:
                 record.update(log_p=sample.log_p, log_mix=sample.log_mix)
             if prompt.reference is not None:
@@ -99,9 +118,21 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     args = parse_args()
-    return cli_exit_status(lambda: run(args), (GenerationError, LayoutError, NotACheckpointError,
-                           UnsupportedModelError, TokenizerError, TokenizerMismatchError, DataFormatError,
-                           TemplateError, FileNotFoundError, ValueError))  # fmt: skip
+    return cli_exit_status(
+        lambda: run(args),
+        (
+            GenerationError,
+            LayoutError,
+            NotACheckpointError,
+            UnsupportedModelError,
+            TokenizerError,
+            TokenizerMismatchError,
+            DataFormatError,
+            TemplateError,
+            FileNotFoundError,
+            ValueError,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,22 @@ from megatron_minillm.planning.memory import (
 )
 
 # TrainConfig fields the planner reads from --config (same names).
-FROM_CONFIG = ("algorithm", "tp", "pp", "micro_batch_size", "global_batch_size", "max_prompt_length", "max_length",
-               "rollout_batch_size", "rollout_micro_batch_size", "dtype", "teacher_cache_dtype", "recompute",
-               "single_step", "policy_gradient")  # fmt: skip
+FROM_CONFIG = (
+    "algorithm",
+    "tp",
+    "pp",
+    "micro_batch_size",
+    "global_batch_size",
+    "max_prompt_length",
+    "max_length",
+    "rollout_batch_size",
+    "rollout_micro_batch_size",
+    "dtype",
+    "teacher_cache_dtype",
+    "recompute",
+    "single_step",
+    "policy_gradient",
+)
 
 
 def _config_values(path: str) -> dict:
@@ -63,8 +76,12 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GiB")
-    parser.add_argument("--headroom", type=float, default=0.9,
-                        help="fraction of GPU memory a plan may use (allocator fragmentation, CUDA context, NCCL)")
+    parser.add_argument(
+        "--headroom",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory a plan may use (allocator fragmentation, CUDA context, NCCL)",
+    )
     parser.add_argument("--tp", type=int)
     parser.add_argument("--pp", type=int)
     parser.add_argument("--dp", type=int)
@@ -94,9 +111,20 @@ def _run(args: argparse.Namespace) -> int:
     values = {"dtype": "bf16"}  # GPU planning: bf16 unless the config or --dtype says otherwise
     if args.config:
         values.update(_config_values(args.config))
-    for name in ("algorithm", "micro_batch_size", "global_batch_size", "max_prompt_length", "max_length",
-                 "rollout_batch_size", "rollout_micro_batch_size", "dtype", "teacher_cache_dtype", "recompute",
-                 "tp", "pp"):  # fmt: skip
+    for name in (
+        "algorithm",
+        "micro_batch_size",
+        "global_batch_size",
+        "max_prompt_length",
+        "max_length",
+        "rollout_batch_size",
+        "rollout_micro_batch_size",
+        "dtype",
+        "teacher_cache_dtype",
+        "recompute",
+        "tp",
+        "pp",
+    ):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.no_distributed_optimizer:
@@ -123,24 +151,36 @@ def _run(args: argparse.Namespace) -> int:
     if explicit:
         breakdown = plan_memory(teacher, student, base)
         out["layout"] = {"tp": tp, "pp": pp, "dp": dp, "breakdown": [b.to_dict() for b in breakdown]}
-    layouts = suggest_layouts(teacher, student, base, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                              gpu_memory_bytes=memory, headroom=args.headroom)  # fmt: skip
+    layouts = suggest_layouts(
+        teacher,
+        student,
+        base,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu_memory_bytes=memory,
+        headroom=args.headroom,
+    )
     out["suggestions"] = [dataclasses.asdict(x) for x in layouts[: args.max_suggestions]]
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"student {args.student}" + (f", teacher {args.teacher}" if teacher else "") +
-          f"; {base.algorithm}, {base.dtype}, micro-batch {base.micro_batch_size} x {base.max_length} tokens, "
-          f"rollouts {base.rollout_batch_size} (micro-batch {base.rollout_micro_batch_size}), "
-          f"recompute {'on' if base.recompute else 'off'}, distributed optimizer "
-          f"{'on' if base.distributed_optimizer else 'off'}")  # fmt: skip
+    print(
+        f"student {args.student}"
+        + (f", teacher {args.teacher}" if teacher else "")
+        + f"; {base.algorithm}, {base.dtype}, micro-batch {base.micro_batch_size} x {base.max_length} tokens, "
+        f"rollouts {base.rollout_batch_size} (micro-batch {base.rollout_micro_batch_size}), "
+        f"recompute {'on' if base.recompute else 'off'}, distributed optimizer "
+        f"{'on' if base.distributed_optimizer else 'off'}"
+    )
     if breakdown is not None:
         print(f"\nlayout TP={tp} PP={pp} DP={dp}:")
         print(format_breakdown(breakdown, memory))
         if tp * pp * dp != world:
             print(f"note: TP x PP x DP = {tp * pp * dp} is not the {world} GPUs of --nodes x --gpus-per-node")
-    print(f"\nlayouts of {args.nodes} x {args.gpus_per_node} GPUs that fit in {args.headroom:.0%} of "
-          f"{args.gpu_memory_gb:g} GiB (fewest model-parallel GPUs first):")  # fmt: skip
+    print(
+        f"\nlayouts of {args.nodes} x {args.gpus_per_node} GPUs that fit in {args.headroom:.0%} of "
+        f"{args.gpu_memory_gb:g} GiB (fewest model-parallel GPUs first):"
+    )
     if not layouts:
         print("  none: try more GPUs, --recompute, smaller micro-batches or rollout micro-batches")
     for x in layouts[: args.max_suggestions]:

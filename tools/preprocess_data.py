@@ -33,37 +33,59 @@ def parse_args() -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     instructions = sub.add_parser("instructions", help="instruction data -> prompt/response datasets")
     instructions.add_argument("--format", default="auto", choices=["auto", *FORMATS])
-    instructions.add_argument("--template", default="alpaca", choices=TEMPLATES,
-                              help="alpaca: LMOps/MiniLLM's prompt; chat: the tokenizer's chat template; "
-                                   "none: the instruction as is")  # fmt: skip
+    instructions.add_argument(
+        "--template",
+        default="alpaca",
+        choices=TEMPLATES,
+        help="alpaca: LMOps/MiniLLM's prompt; chat: the tokenizer's chat template; none: the instruction as is",
+    )
     instructions.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are dropped")
-    instructions.add_argument("--max-length", type=int, default=512,
-                              help="prompt + response; longer responses are truncated")  # fmt: skip
+    instructions.add_argument(
+        "--max-length", type=int, default=512, help="prompt + response; longer responses are truncated"
+    )
     pretrain = sub.add_parser("pretrain", help='raw text jsonl ({"text": ...}) -> a pretraining dataset')
     for p in (instructions, pretrain):
         p.add_argument("--input", action="append", required=True, help="jsonl or JSON-list file (repeatable)")
         p.add_argument("--tokenizer", required=True)
         p.add_argument("--output-prefix", required=True)
-        p.add_argument("--split", type=float, default=0.0,
-                       help="rows held out for validation: a fraction (< 1) or a count (>= 1)")  # fmt: skip
+        p.add_argument(
+            "--split", type=float, default=0.0, help="rows held out for validation: a fraction (< 1) or a count (>= 1)"
+        )
         p.add_argument("--seed", type=int, default=1234, help="seed of the validation split")
         p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
         p.add_argument("--skip-bad-lines", action="store_true", help="count malformed rows and go on")
-        p.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
-                       help="end each response (or text) with EOS")  # fmt: skip
+        p.add_argument(
+            "--append-eos",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="end each response (or text) with EOS",
+        )
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
-    common = dict(inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer, split=args.split,
-                  seed=args.seed, workers=args.workers, skip_bad_lines=args.skip_bad_lines,
-                  append_eos=args.append_eos)  # fmt: skip
+    common = dict(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        split=args.split,
+        seed=args.seed,
+        workers=args.workers,
+        skip_bad_lines=args.skip_bad_lines,
+        append_eos=args.append_eos,
+    )
     try:
         if args.command == "instructions":
-            summary = preprocess_instructions(InstructionConfig(
-                **common, format=args.format, template=args.template,
-                max_prompt_length=args.max_prompt_length, max_length=args.max_length))  # fmt: skip
+            summary = preprocess_instructions(
+                InstructionConfig(
+                    **common,
+                    format=args.format,
+                    template=args.template,
+                    max_prompt_length=args.max_prompt_length,
+                    max_length=args.max_length,
+                )
+            )
         else:
             summary = preprocess_pretrain(PreprocessConfig(**common))
     except (DataFormatError, TemplateError, TokenizerError, FileNotFoundError, ValueError) as err:

@@ -6,8 +6,6 @@ reward from the teacher's raw log-probability, discount 0.95, length-normalised 
 whitening across data-parallel ranks, PPO clipping of the importance-weighted ratio.
 """
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -40,7 +38,7 @@ def length_normalized(returns: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), returns / remaining.clamp(min=1), torch.zeros_like(returns))
 
 
-def whiten(values: Tensor, mask: Tensor, group: Optional[dist.ProcessGroup] = None, eps: float = 1e-8) -> Tensor:
+def whiten(values: Tensor, mask: Tensor, group: dist.ProcessGroup | None = None, eps: float = 1e-8) -> Tensor:
     """(A - mean) / sqrt(var + eps) over the tokens of the whole batch, all data-parallel ranks included."""
     stats = torch.stack([(values * mask).sum(), (values * values * mask).sum(), mask.sum()]).double()
     if group is not None and dist.get_world_size(group) > 1:
@@ -50,8 +48,9 @@ def whiten(values: Tensor, mask: Tensor, group: Optional[dist.ProcessGroup] = No
     return ((values - mean) * torch.rsqrt(var + eps)).to(values.dtype) * mask
 
 
-def ppo_clipped_loss(log_q: Tensor, log_q_old: Tensor, importance_weight: Tensor, advantages: Tensor,
-                     mask: Tensor, clip_eps: float = 0.2) -> Tensor:  # fmt: skip
+def ppo_clipped_loss(
+    log_q: Tensor, log_q_old: Tensor, importance_weight: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
+) -> Tensor:
     """Per-token max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) with rho = w_t * q_theta / q_old
     (0 where ``mask`` is 0; the caller averages over the tokens of the optimizer step).
 

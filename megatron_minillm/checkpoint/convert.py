@@ -9,7 +9,6 @@ load, so the conversion layout need not be the training layout.
 import importlib.util
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -70,7 +69,7 @@ def check_hf_weights(arch: Architecture, weights: HFWeights) -> None:
 def convert_hf_to_mcore(
     hf_dir: str | Path,
     out_dir: str | Path,
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
     make_vocab_size_divisible_by: int = 128,
     overwrite: bool = False,
 ) -> CheckpointMetadata:
@@ -82,9 +81,11 @@ def convert_hf_to_mcore(
     check_hf_weights(arch, weights)
     dtype = dtype or DTYPE_NAMES.get(weights.meta(hf_name(arch, "embedding.word_embeddings.weight")).dtype, "fp32")
     model = build_model(
-        arch, dtype=dtype, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        arch,
+        dtype=dtype,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         perform_initialization=False,
-    )  # fmt: skip
+    )
     pending = {name for name, _ in model.named_parameters()}
     top = {full for full in local_full_names(model).values() if not full.startswith("decoder.layers.")}
     pending -= load_full_tensors(model, hf_to_mcore(arch, weights.get, layers=[], top=top), strict=False)
@@ -93,9 +94,13 @@ def convert_hf_to_mcore(
     if pending:
         raise CheckpointMismatchError(f"no HF tensor was mapped to {sorted(pending)}")
     meta = CheckpointMetadata(
-        model_type=arch.model_type, family=arch.family, vocab_size=arch.vocab_size,
-        padded_vocab_size=model.vocab_size, dtype=dtype, source=str(hf_dir.resolve()),
-    )  # fmt: skip
+        model_type=arch.model_type,
+        family=arch.family,
+        vocab_size=arch.vocab_size,
+        padded_vocab_size=model.vocab_size,
+        dtype=dtype,
+        source=str(hf_dir.resolve()),
+    )
     save_checkpoint(model, out_dir, meta, hf_dir, overwrite=overwrite)
     return meta
 

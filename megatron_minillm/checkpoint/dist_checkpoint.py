@@ -14,10 +14,10 @@ interrupted save never looks like a valid checkpoint.
 import dataclasses
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -132,12 +132,15 @@ def write_checkpoint_files(
         (directory / METADATA_FILE).write_text(json.dumps(dataclasses.asdict(metadata), indent=2) + "\n")
 
 
-def load_model(ckpt_dir: str | Path, dtype: Optional[str] = None) -> tuple[torch.nn.Module, Architecture, CheckpointMetadata]:
+def load_model(
+    ckpt_dir: str | Path, dtype: str | None = None
+) -> tuple[torch.nn.Module, Architecture, CheckpointMetadata]:
     """Build the checkpoint's model at the current TP x PP and load it (collective)."""
     meta = read_metadata(ckpt_dir)
     arch = load_architecture(ckpt_dir)
-    model = build_model(arch, dtype=dtype or meta.dtype, padded_vocab=meta.padded_vocab_size,
-                        perform_initialization=False)  # fmt: skip
+    model = build_model(
+        arch, dtype=dtype or meta.dtype, padded_vocab=meta.padded_vocab_size, perform_initialization=False
+    )
     load_checkpoint(model, ckpt_dir, arch)
     return model, arch, meta
 
@@ -151,7 +154,7 @@ def _differences(a: Architecture, b: Architecture) -> list[str]:
 
 
 def load_checkpoint(
-    model: torch.nn.Module, ckpt_dir: str | Path, arch: Optional[Architecture] = None
+    model: torch.nn.Module, ckpt_dir: str | Path, arch: Architecture | None = None
 ) -> CheckpointMetadata:
     """Load a checkpoint into ``model`` at whatever TP x PP it was built with (collective).
 
@@ -163,9 +166,7 @@ def load_checkpoint(
     if arch is not None:
         diff = _differences(load_architecture(ckpt_dir), arch)
         if diff:
-            raise CheckpointMismatchError(
-                f"checkpoint {ckpt_dir} does not fit the model: " + "; ".join(diff)
-            )
+            raise CheckpointMismatchError(f"checkpoint {ckpt_dir} does not fit the model: " + "; ".join(diff))
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir / MODEL_DIR))
     except (Exception, CheckpointException) as err:  # shape/key mismatches surface as several types

@@ -9,7 +9,7 @@ The maps are per layer so that converters can stream a 13B model one layer at a 
 """
 
 import re
-from typing import Callable, Container, Iterable, Mapping, Optional
+from collections.abc import Callable, Container, Iterable, Mapping
 
 import torch
 from megatron.core import parallel_state
@@ -74,8 +74,11 @@ _LAYER_NORMS = {
 }
 _LAYER_PREFIX = {"llama": "model.layers.{}.", "opt": "model.decoder.layers.{}.", "gpt2": "transformer.h.{}."}
 # GPT-2's Conv1D layers other than the fused QKV: (megatron, HF) prefixes.
-_GPT2_CONV1D = (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"),
-                ("mlp.linear_fc2", "mlp.c_proj"))  # fmt: skip
+_GPT2_CONV1D = (
+    ("self_attention.linear_proj", "attn.c_proj"),
+    ("mlp.linear_fc1", "mlp.c_fc"),
+    ("mlp.linear_fc2", "mlp.c_proj"),
+)
 _TOP = {
     "llama": {
         "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -104,9 +107,7 @@ def _layer_hf_to_mcore(arch: Architecture, get: Getter, i: int) -> dict[str, Ten
     if arch.family == "gpt2":  # Conv1D stores [in, out]: transpose to Linear's [out, in]
         w = get(hf + "attn.c_attn.weight").t()
         out[mc + "self_attention.linear_qkv.weight"] = interleave_qkv(arch, *w.chunk(3, dim=0))
-        out[mc + "self_attention.linear_qkv.bias"] = interleave_qkv(
-            arch, *get(hf + "attn.c_attn.bias").chunk(3, dim=0)
-        )
+        out[mc + "self_attention.linear_qkv.bias"] = interleave_qkv(arch, *get(hf + "attn.c_attn.bias").chunk(3, dim=0))
         for m, h in _GPT2_CONV1D:
             out[f"{mc}{m}.weight"] = get(f"{hf}{h}.weight").t().contiguous()
             out[f"{mc}{m}.bias"] = get(f"{hf}{h}.bias")
@@ -137,9 +138,7 @@ def _layer_mcore_to_hf(arch: Architecture, get: Getter, i: int) -> dict[str, Ten
     if arch.family == "gpt2":
         q, k, v = split_qkv(arch, get(mc + "self_attention.linear_qkv.weight"))
         out[hf + "attn.c_attn.weight"] = torch.cat((q, k, v), dim=0).t().contiguous()
-        out[hf + "attn.c_attn.bias"] = torch.cat(
-            split_qkv(arch, get(mc + "self_attention.linear_qkv.bias")), dim=0
-        )
+        out[hf + "attn.c_attn.bias"] = torch.cat(split_qkv(arch, get(mc + "self_attention.linear_qkv.bias")), dim=0)
         for m, h in _GPT2_CONV1D:
             out[f"{hf}{h}.weight"] = get(f"{mc}{m}.weight").t().contiguous()
             out[f"{hf}{h}.bias"] = get(f"{mc}{m}.bias")
@@ -174,16 +173,17 @@ def hf_name(arch: Architecture, mcore_name: str) -> str:
     return dict(_top_pairs(arch))[mcore_name]
 
 
-def _top_hf_to_mcore(arch: Architecture, get: Getter, wanted: Optional[Container[str]]) -> dict[str, Tensor]:
+def _top_hf_to_mcore(arch: Architecture, get: Getter, wanted: Container[str] | None) -> dict[str, Tensor]:
     return {m: get(h) for m, h in _top_pairs(arch) if wanted is None or m in wanted}
 
 
-def _top_mcore_to_hf(arch: Architecture, get: Getter, wanted: Optional[Container[str]]) -> dict[str, Tensor]:
+def _top_mcore_to_hf(arch: Architecture, get: Getter, wanted: Container[str] | None) -> dict[str, Tensor]:
     return {h: get(m) for m, h in _top_pairs(arch) if wanted is None or m in wanted}
 
 
-def hf_to_mcore(arch: Architecture, get: Getter, layers: Optional[Iterable[int]] = None,
-                top: Optional[Container[str]] = None) -> dict[str, Tensor]:  # fmt: skip
+def hf_to_mcore(
+    arch: Architecture, get: Getter, layers: Iterable[int] | None = None, top: Container[str] | None = None
+) -> dict[str, Tensor]:
     """Full megatron tensors for global ``layers`` (default: all) and the top-level weights named
     in ``top`` (megatron names; default: all of them)."""
     out = _top_hf_to_mcore(arch, get, top)
@@ -192,8 +192,9 @@ def hf_to_mcore(arch: Architecture, get: Getter, layers: Optional[Iterable[int]]
     return out
 
 
-def mcore_to_hf(arch: Architecture, get: Getter, layers: Optional[Iterable[int]] = None,
-                top: Optional[Container[str]] = None) -> dict[str, Tensor]:  # fmt: skip
+def mcore_to_hf(
+    arch: Architecture, get: Getter, layers: Iterable[int] | None = None, top: Container[str] | None = None
+) -> dict[str, Tensor]:
     """HF tensors for global ``layers`` (default: all) and the top-level weights named in ``top``
     (megatron names; default: all of them)."""
     out = _top_mcore_to_hf(arch, get, top)
@@ -260,8 +261,7 @@ def shard_tensor(full: Tensor, param: Tensor, name: str, gated_fc1: bool) -> Ten
             full = full.chunk(tp, dim=dim)[rank]
     if full.shape != param.shape:
         raise CheckpointMismatchError(
-            f"{name}: checkpoint shape {tuple(full.shape)} does not match the model's "
-            f"shard {tuple(param.shape)}"
+            f"{name}: checkpoint shape {tuple(full.shape)} does not match the model's shard {tuple(param.shape)}"
         )
     return full
 

@@ -5,7 +5,6 @@ document of two sequences (prompt, response) per example; pretraining text one d
 """
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -15,23 +14,27 @@ class DatasetLayoutError(ValueError):
     """A dataset prefix that is missing or not laid out as the reader expects."""
 
 
-def _open(path_prefix: Union[str, Path]) -> IndexedDataset:
+def _open(path_prefix: str | Path) -> IndexedDataset:
     prefix = str(path_prefix)
     if not IndexedDataset.exists(prefix):
-        raise DatasetLayoutError(f"no indexed dataset at {prefix} (needs {prefix}.bin and {prefix}.idx); "
-                                 "make one with tools/preprocess_data.py")  # fmt: skip
+        raise DatasetLayoutError(
+            f"no indexed dataset at {prefix} (needs {prefix}.bin and {prefix}.idx); "
+            "make one with tools/preprocess_data.py"
+        )
     return IndexedDataset(prefix)
 
 
 class InstructionDataset:
     """Example i -> (prompt_ids, response_ids) as int64 arrays."""
 
-    def __init__(self, path_prefix: Union[str, Path]) -> None:
+    def __init__(self, path_prefix: str | Path) -> None:
         self._data = _open(path_prefix)
         pairs = len(self._data) // 2
         if not np.array_equal(self._data.document_indices, np.arange(0, 2 * pairs + 1, 2)) or len(self._data) % 2:
-            raise DatasetLayoutError(f"{path_prefix} is not an instruction dataset: its documents are not "
-                                     "(prompt, response) pairs; was it written by the pretrain command?")  # fmt: skip
+            raise DatasetLayoutError(
+                f"{path_prefix} is not an instruction dataset: its documents are not "
+                "(prompt, response) pairs; was it written by the pretrain command?"
+            )
         self._len = pairs
 
     def __len__(self) -> int:
@@ -59,13 +62,15 @@ class PretrainDataset:
     prediction a chunk gives inputs ``chunk[:-1]`` and labels ``chunk[1:]``.
     """
 
-    def __init__(self, path_prefix: Union[str, Path], seq_length: int) -> None:
+    def __init__(self, path_prefix: str | Path, seq_length: int) -> None:
         if seq_length < 2:
             raise ValueError(f"seq_length must be >= 2 (an input and a label), got {seq_length}")
         self._data = _open(path_prefix)
         if not np.array_equal(self._data.document_indices, np.arange(len(self._data) + 1)):
-            raise DatasetLayoutError(f"{path_prefix} is not a pretraining dataset (one text per document); "
-                                     "was it written by the instructions command?")  # fmt: skip
+            raise DatasetLayoutError(
+                f"{path_prefix} is not a pretraining dataset (one text per document); "
+                "was it written by the instructions command?"
+            )
         self.seq_length = seq_length
         self._ends = np.cumsum(self._data.sequence_lengths, dtype=np.int64)
         self.num_tokens = int(self._ends[-1]) if len(self._ends) else 0

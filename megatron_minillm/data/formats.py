@@ -16,9 +16,10 @@ names that place, and a skip-bad-lines reader counts it by its ``reason``.
 import bisect
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any
 
 FORMATS = ("dolly", "alpaca", "self_instruct", "prompt_completion", "chat")
 
@@ -39,7 +40,7 @@ class Row:
     """One record as text: a jsonl line (bytes, decoded when parsed) or a JSON list element."""
 
     source: str  # "path:line"
-    text: Union[str, bytes]
+    text: str | bytes
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Example:
     messages: tuple[dict[str, str], ...] = ()
 
 
-def read_rows(path: Union[str, Path]) -> Iterator[Row]:
+def read_rows(path: str | Path) -> Iterator[Row]:
     """Rows of a jsonl file or of a file holding one JSON list (told apart by the first character)."""
     path = Path(path)
     if not path.is_file():
@@ -89,8 +90,11 @@ def _list_rows(path: Path) -> Iterator[Row]:
         try:
             _, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise DataFormatError(where(err.pos), f"bad JSON in the list: {err.msg} (column {err.colno}); "
-                                  "a JSON list is not read past a syntax error", "bad_json") from None  # fmt: skip
+            raise DataFormatError(
+                where(err.pos),
+                f"bad JSON in the list: {err.msg} (column {err.colno}); a JSON list is not read past a syntax error",
+                "bad_json",
+            ) from None
         yield Row(where(pos), text[pos:end])
         pos, char = next_char(end)
         if char == ",":
@@ -114,7 +118,8 @@ def load_object(row: Row) -> dict[str, Any]:
 
 def _type_name(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), f"a number ({value!r})")  # fmt: skip
+        type(value), f"a number ({value!r})"
+    )
 
 
 def _get(obj: dict[str, Any], key: str, kind: type, source: str, fmt: str, default: Any = None) -> Any:
@@ -139,13 +144,25 @@ def _objects(items: list, source: str, what: str) -> Iterator[tuple[str, dict[st
 
 
 def _dolly(obj: dict[str, Any], source: str) -> list[Example]:
-    return [Example(_get(obj, "instruction", str, source, "dolly"), _get(obj, "context", str, source, "dolly", ""),
-                    _get(obj, "response", str, source, "dolly"), source)]  # fmt: skip
+    return [
+        Example(
+            _get(obj, "instruction", str, source, "dolly"),
+            _get(obj, "context", str, source, "dolly", ""),
+            _get(obj, "response", str, source, "dolly"),
+            source,
+        )
+    ]
 
 
 def _alpaca(obj: dict[str, Any], source: str) -> list[Example]:
-    return [Example(_get(obj, "instruction", str, source, "alpaca"), _get(obj, "input", str, source, "alpaca", ""),
-                    _get(obj, "output", str, source, "alpaca"), source)]  # fmt: skip
+    return [
+        Example(
+            _get(obj, "instruction", str, source, "alpaca"),
+            _get(obj, "input", str, source, "alpaca", ""),
+            _get(obj, "output", str, source, "alpaca"),
+            source,
+        )
+    ]
 
 
 def _self_instruct(obj: dict[str, Any], source: str) -> list[Example]:
@@ -153,14 +170,26 @@ def _self_instruct(obj: dict[str, Any], source: str) -> list[Example]:
     instances = _get(obj, "instances", list, source, "self_instruct")
     if not instances:
         raise DataFormatError(source, "field 'instances' is empty", "missing_field")
-    return [Example(instruction, _get(instance, "input", str, where, "self_instruct", ""),
-                    _get(instance, "output", str, where, "self_instruct"), source)
-            for where, instance in _objects(instances, source, "instance")]  # fmt: skip
+    return [
+        Example(
+            instruction,
+            _get(instance, "input", str, where, "self_instruct", ""),
+            _get(instance, "output", str, where, "self_instruct"),
+            source,
+        )
+        for where, instance in _objects(instances, source, "instance")
+    ]
 
 
 def _prompt_completion(obj: dict[str, Any], source: str) -> list[Example]:
-    return [Example(_get(obj, "prompt", str, source, "prompt_completion"), "",
-                    _get(obj, "completion", str, source, "prompt_completion"), source)]  # fmt: skip
+    return [
+        Example(
+            _get(obj, "prompt", str, source, "prompt_completion"),
+            "",
+            _get(obj, "completion", str, source, "prompt_completion"),
+            source,
+        )
+    ]
 
 
 def _chat(obj: dict[str, Any], source: str) -> list[Example]:
@@ -169,17 +198,23 @@ def _chat(obj: dict[str, Any], source: str) -> list[Example]:
         _get(message, "role", str, where, "chat")
         _get(message, "content", str, where, "chat")
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
-        raise DataFormatError(source, "a conversation needs at least one message before a last message whose "
-                              "role is 'assistant' (the response)", "missing_field")  # fmt: skip
+        raise DataFormatError(
+            source,
+            "a conversation needs at least one message before a last message whose role is 'assistant' (the response)",
+            "missing_field",
+        )
     context = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
     users = [m["content"] for m in context if m["role"] == "user"]
     return [Example(users[-1] if users else "", "", messages[-1]["content"], source, context)]
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any], str], list[Example]]] = {
-    "dolly": _dolly, "alpaca": _alpaca, "self_instruct": _self_instruct,
-    "prompt_completion": _prompt_completion, "chat": _chat,
-}  # fmt: skip
+    "dolly": _dolly,
+    "alpaca": _alpaca,
+    "self_instruct": _self_instruct,
+    "prompt_completion": _prompt_completion,
+    "chat": _chat,
+}
 _NEEDS = {
     "dolly": "instruction, response and optionally context",
     "alpaca": "instruction, output and optionally input",
@@ -193,14 +228,21 @@ _NEEDS = {
 def detect_format(obj: dict[str, Any], source: str) -> str:
     """The format a record's fields say; raises when they fit none (pretraining text included)."""
     keys = set(obj)
-    for fmt, wanted in (("chat", {"messages"}), ("self_instruct", {"instruction", "instances"}),
-                        ("prompt_completion", {"prompt", "completion"}), ("dolly", {"instruction", "response"}),
-                        ("alpaca", {"instruction", "output"})):  # fmt: skip
+    for fmt, wanted in (
+        ("chat", {"messages"}),
+        ("self_instruct", {"instruction", "instances"}),
+        ("prompt_completion", {"prompt", "completion"}),
+        ("dolly", {"instruction", "response"}),
+        ("alpaca", {"instruction", "output"}),
+    ):
         if wanted <= keys:
             return fmt
     hint = " (a 'text' record is pretraining data: use the pretrain command)" if "text" in keys else ""
-    raise DataFormatError(source, f"cannot tell the format from the fields {sorted(keys)}{hint}; "
-                          f"pass the format, one of {', '.join(FORMATS)}", "unknown_format")  # fmt: skip
+    raise DataFormatError(
+        source,
+        f"cannot tell the format from the fields {sorted(keys)}{hint}; pass the format, one of {', '.join(FORMATS)}",
+        "unknown_format",
+    )
 
 
 def parse_row(row: Row, fmt: str) -> list[Example]:
@@ -213,7 +255,7 @@ def parse_text_row(row: Row) -> str:
     return _get(load_object(row), "text", str, row.source, "pretrain")
 
 
-def resolve_format(paths: list[Union[str, Path]], fmt: str) -> str:
+def resolve_format(paths: list[str | Path], fmt: str) -> str:
     """``fmt``, or for "auto" the format of the first row that holds a JSON object."""
     if fmt != "auto":
         if fmt not in FORMATS:

@@ -26,9 +26,9 @@ import json
 import multiprocessing
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -39,10 +39,10 @@ from megatron_minillm.data.formats import (
     FORMATS,
     DataFormatError,
     Row,
-    resolve_format,
     parse_row,
     parse_text_row,
     read_rows,
+    resolve_format,
 )
 from megatron_minillm.data.templates import TEMPLATES, TemplateError, render_prompt, require_chat_template
 from megatron_minillm.data.tokenizer import Tokenizer, load_tokenizer
@@ -84,8 +84,10 @@ class InstructionConfig(PreprocessConfig):
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown template {self.template!r}; one of {', '.join(TEMPLATES)}")
         if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length "
-                             f"({self.max_length}): a response needs room")  # fmt: skip
+            raise ValueError(
+                f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length "
+                f"({self.max_length}): a response needs room"
+            )
 
 
 @dataclass
@@ -104,12 +106,14 @@ class Summary:
             return f" ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})" if counts else ""
 
         splits = " + ".join(f"{self.written[s]} {s} ({self.tokens[s]} tokens)" for s in sorted(self.written))
-        return "\n".join([
-            f"rows read: {self.rows_read}, bad rows skipped: {sum(self.bad_rows.values())}{reasons(self.bad_rows)}",
-            f"written: {splits or 'nothing'}",
-            f"truncated: {self.truncated}",
-            f"dropped: {sum(self.dropped.values())}{reasons(self.dropped)}",
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                f"rows read: {self.rows_read}, bad rows skipped: {sum(self.bad_rows.values())}{reasons(self.bad_rows)}",
+                f"written: {splits or 'nothing'}",
+                f"truncated: {self.truncated}",
+                f"dropped: {sum(self.dropped.values())}{reasons(self.dropped)}",
+            ]
+        )
 
     def to_dict(self) -> dict:
         return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v for f in fields(self)}
@@ -119,7 +123,7 @@ class Summary:
 class _Encoded:
     sequences: tuple[list[int], ...]  # (prompt, response) or (text,)
     truncated: bool = False
-    reference: Optional[dict] = None
+    reference: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class _Rejected:
 @dataclass(frozen=True)
 class _Job:
     config: PreprocessConfig
-    format: Optional[str]  # None: pretraining text
+    format: str | None  # None: pretraining text
 
 
 def tokenize_pair(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -152,7 +156,7 @@ class _Encoder:
         self.job, self.config = job, job.config
         self.tokenizer = load_tokenizer(job.config.tokenizer)
 
-    def __call__(self, row: Row) -> list[Union[_Encoded, _Rejected]]:
+    def __call__(self, row: Row) -> list[_Encoded | _Rejected]:
         try:
             return self._instruction(row) if self.job.format else self._text(row)
         except (DataFormatError, TemplateError) as err:
@@ -160,9 +164,9 @@ class _Encoder:
                 raise
             return [_Rejected(err.reason, bad_row=True)]
 
-    def _instruction(self, row: Row) -> list[Union[_Encoded, _Rejected]]:
+    def _instruction(self, row: Row) -> list[_Encoded | _Rejected]:
         config: InstructionConfig = self.config  # type: ignore[assignment]
-        out: list[Union[_Encoded, _Rejected]] = []
+        out: list[_Encoded | _Rejected] = []
         for example in parse_row(row, self.job.format):
             prompt = render_prompt(example, config.template, self.tokenizer)
             prompt_ids, response_ids = tokenize_pair(self.tokenizer, prompt, example.output)
@@ -174,19 +178,24 @@ class _Encoder:
             elif not response_ids:
                 out.append(_Rejected("empty_response", bad_row=False))
             else:
-                reference = {"source": row.source, "instruction": example.instruction, "input": example.input,
-                             "prompt": prompt, "output": example.output}  # fmt: skip
+                reference = {
+                    "source": row.source,
+                    "instruction": example.instruction,
+                    "input": example.input,
+                    "prompt": prompt,
+                    "output": example.output,
+                }
                 out.append(_Encoded((prompt_ids, response_ids[:room]), len(response_ids) > room, reference))
         return out
 
-    def _text(self, row: Row) -> list[Union[_Encoded, _Rejected]]:
+    def _text(self, row: Row) -> list[_Encoded | _Rejected]:
         ids = self.tokenizer.encode(parse_text_row(row))
         if not ids:
             return [_Rejected("empty_text", bad_row=False)]
         return [_Encoded((ids + [self.tokenizer.eos_id] if self.config.append_eos else ids,))]
 
 
-_ENCODER: Optional[_Encoder] = None
+_ENCODER: _Encoder | None = None
 
 
 def _init_worker(job: _Job) -> None:
@@ -194,12 +203,12 @@ def _init_worker(job: _Job) -> None:
     _ENCODER = _Encoder(job)
 
 
-def _encode_row(row: Row) -> list[Union[_Encoded, _Rejected]]:
+def _encode_row(row: Row) -> list[_Encoded | _Rejected]:
     assert _ENCODER is not None, "_init_worker was not called in this process"
     return _ENCODER(row)
 
 
-def _encoded_rows(rows: Iterable[Row], job: _Job) -> Iterator[list[Union[_Encoded, _Rejected]]]:
+def _encoded_rows(rows: Iterable[Row], job: _Job) -> Iterator[list[_Encoded | _Rejected]]:
     """Encoded rows in input order (imap keeps it), in this process or a pool of workers."""
     if job.config.workers == 1:
         _init_worker(job)
@@ -252,14 +261,18 @@ def _run(job: _Job, tokenizer: Tokenizer, description: str) -> Summary:
     num_rows = sum(1 for path in config.inputs for _ in read_rows(path))
     held_out = validation_rows(num_rows, config.split, config.seed)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    writers = {split: _SplitWriter(f"{config.output_prefix}_{split}", dtype, references=job.format is not None)
-               for split in ("train", "valid") if split == "train" or held_out}  # fmt: skip
+    writers = {
+        split: _SplitWriter(f"{config.output_prefix}_{split}", dtype, references=job.format is not None)
+        for split in ("train", "valid")
+        if split == "train" or held_out
+    }
     summary = Summary()
     rows = (row for path in config.inputs for row in read_rows(path))
     complete = False
     try:
-        for index, results in enumerate(tqdm(_encoded_rows(rows, job), total=num_rows, unit="row",
-                                             desc=description, disable=None)):  # fmt: skip
+        for index, results in enumerate(
+            tqdm(_encoded_rows(rows, job), total=num_rows, unit="row", desc=description, disable=None)
+        ):
             split = "valid" if index in held_out else "train"
             summary.rows_read += 1
             for result in results:
@@ -274,8 +287,13 @@ def _run(job: _Job, tokenizer: Tokenizer, description: str) -> Summary:
     finally:
         for writer in writers.values():
             writer.close(keep=complete)
-    record = {"config": asdict(config), "format": job.format, "tokenizer_vocab_size": tokenizer.vocab_size,
-              "eos_id": tokenizer.eos_id, "summary": summary.to_dict()}  # fmt: skip
+    record = {
+        "config": asdict(config),
+        "format": job.format,
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "summary": summary.to_dict(),
+    }
     Path(f"{config.output_prefix}_summary.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return summary
 

@@ -3,7 +3,6 @@ data in any supported format rendered with a template (the evaluation sets)."""
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 from megatron_minillm.data.formats import DataFormatError, load_object, parse_row, read_rows, resolve_format
 from megatron_minillm.data.templates import render_prompt
@@ -14,7 +13,7 @@ from megatron_minillm.data.tokenizer import Tokenizer
 class Prompt:
     text: str  # the prompt as the model sees it ("" when given as ids only)
     ids: list[int]
-    reference: Optional[str]  # the data's response, if any
+    reference: str | None  # the data's response, if any
     source: str  # file:line
 
 
@@ -30,7 +29,7 @@ def _raw(obj: dict, source: str, tokenizer: Tokenizer) -> Prompt:
     return Prompt(obj["prompt"], tokenizer.encode(obj["prompt"]), obj.get("reference"), source)
 
 
-def load_prompts(path: Union[str, Path], tokenizer: Tokenizer, fmt: str = "raw", template: str = "alpaca") -> list[Prompt]:
+def load_prompts(path: str | Path, tokenizer: Tokenizer, fmt: str = "raw", template: str = "alpaca") -> list[Prompt]:
     """All prompts of a jsonl/json file. ``fmt`` "raw" uses the text verbatim; any instruction
     format ("auto" detects it) renders the instruction with ``template``, the response is the reference."""
     if fmt != "raw":

@@ -10,7 +10,7 @@
   is already complete, e.g. prompt/completion records.
 """
 
-from typing import Optional, Protocol
+from typing import Protocol
 
 from megatron_minillm.data.formats import Example
 
@@ -45,19 +45,21 @@ def _single_turn(example: Example, template: str) -> Example:
     """Alpaca and none take one user turn: a chat example must be exactly one user message."""
     if example.messages and [m["role"] for m in example.messages] != ["user"]:
         roles = ", ".join(m["role"] for m in example.messages)
-        raise TemplateError(f"{example.source}: the {template!r} template takes one user message before the "
-                            f"response, this conversation has [{roles}]; use the 'chat' template")  # fmt: skip
+        raise TemplateError(
+            f"{example.source}: the {template!r} template takes one user message before the "
+            f"response, this conversation has [{roles}]; use the 'chat' template"
+        )
     return example
 
 
-def require_chat_template(tokenizer: Optional[ChatTokenizer]) -> ChatTokenizer:
+def require_chat_template(tokenizer: ChatTokenizer | None) -> ChatTokenizer:
     if tokenizer is None or not tokenizer.has_chat_template:
         where = tokenizer.path if tokenizer is not None else "no tokenizer given"
         raise TemplateError(f"the 'chat' template needs a tokenizer with a chat template ({where} has none)")
     return tokenizer
 
 
-def render_prompt(example: Example, template: str, tokenizer: Optional[ChatTokenizer] = None) -> str:
+def render_prompt(example: Example, template: str, tokenizer: ChatTokenizer | None = None) -> str:
     """The prompt text of ``example`` (the response follows it directly, with no separator)."""
     if template == "alpaca":
         example = _single_turn(example, template)

@@ -9,7 +9,6 @@ calls :func:`check_tokenizers_compatible` before anything else.
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Optional, Union
 
 # Any of these makes a directory a Hugging Face tokenizer directory.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -28,7 +27,7 @@ class Tokenizer(ABC):
 
     path: str
     eos_id: int
-    bos_id: Optional[int]
+    bos_id: int | None
     pad_id: int  # the tokenizer's pad token, else EOS (as LMOps pads with EOS)
     vocab_size: int  # number of token ids, added tokens included
     has_chat_template: bool = False
@@ -40,7 +39,7 @@ class Tokenizer(ABC):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     @abstractmethod
-    def tokens(self) -> list[Optional[str]]:
+    def tokens(self) -> list[str | None]:
         """The string of every token id (None for an id the vocabulary does not map)."""
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
@@ -48,7 +47,7 @@ class Tokenizer(ABC):
 
 
 class HFTokenizer(Tokenizer):
-    def __init__(self, path: Union[str, Path]) -> None:
+    def __init__(self, path: str | Path) -> None:
         from transformers import AutoTokenizer
 
         self.path = str(path)
@@ -70,7 +69,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def tokens(self) -> list[Optional[str]]:
+    def tokens(self) -> list[str | None]:
         return self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
@@ -80,7 +79,7 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, model_file: Union[str, Path]) -> None:
+    def __init__(self, model_file: str | Path) -> None:
         import sentencepiece
 
         self.path = str(model_file)
@@ -102,11 +101,11 @@ class SentencePieceTokenizer(Tokenizer):
         # sentencepiece never writes control pieces (bos/eos/pad) as text.
         return self._sp.decode(list(ids))
 
-    def tokens(self) -> list[Optional[str]]:
+    def tokens(self) -> list[str | None]:
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
 
-def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer from an HF tokenizer or checkpoint directory, or a sentencepiece ``.model`` file."""
     path = Path(path)
     if path.is_file() and path.suffix == ".model":
@@ -117,9 +116,11 @@ def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
         if (path / "tokenizer.model").is_file():
             return SentencePieceTokenizer(path / "tokenizer.model")
     what = "no such file or directory" if not path.exists() else "found no tokenizer there"
-    raise TokenizerError(f"{path}: {what}; give a Hugging Face tokenizer directory "
-                         f"({' or '.join(HF_TOKENIZER_FILES)}), a megatron_minillm checkpoint directory "
-                         "or a sentencepiece .model file")  # fmt: skip
+    raise TokenizerError(
+        f"{path}: {what}; give a Hugging Face tokenizer directory "
+        f"({' or '.join(HF_TOKENIZER_FILES)}), a megatron_minillm checkpoint directory "
+        "or a sentencepiece .model file"
+    )
 
 
 def check_tokenizers_compatible(
@@ -135,26 +136,36 @@ def check_tokenizers_compatible(
     teacher_tokens, student_tokens = teacher.tokens(), student.tokens()
     for i, (a, b) in enumerate(zip(teacher_tokens, student_tokens)):
         if a != b:
-            raise TokenizerMismatchError(f"token id {i} is {a!r} in the teacher ({teacher.path}) "
-                                         f"and {b!r} in the student ({student.path})")  # fmt: skip
+            raise TokenizerMismatchError(
+                f"token id {i} is {a!r} in the teacher ({teacher.path}) and {b!r} in the student ({student.path})"
+            )
     if teacher.vocab_size != student.vocab_size:
-        longer, extra = (("teacher", teacher_tokens) if teacher.vocab_size > student.vocab_size
-                         else ("student", student_tokens))  # fmt: skip
+        longer, extra = (
+            ("teacher", teacher_tokens) if teacher.vocab_size > student.vocab_size else ("student", student_tokens)
+        )
         common = min(teacher.vocab_size, student.vocab_size)
-        raise TokenizerMismatchError(f"vocabulary sizes differ: {names} have {teacher.vocab_size} and "
-                                     f"{student.vocab_size} tokens; the {longer} has extra tokens from id "
-                                     f"{common} ({extra[common]!r}, ...)")  # fmt: skip
+        raise TokenizerMismatchError(
+            f"vocabulary sizes differ: {names} have {teacher.vocab_size} and "
+            f"{student.vocab_size} tokens; the {longer} has extra tokens from id "
+            f"{common} ({extra[common]!r}, ...)"
+        )
     for name in ("eos_id", "bos_id", "pad_id"):
         a, b = getattr(teacher, name), getattr(student, name)
         if a != b:
-            raise TokenizerMismatchError(f"special token {name} differs: {a} in the teacher ({teacher.path}), "
-                                         f"{b} in the student ({student.path})")  # fmt: skip
+            raise TokenizerMismatchError(
+                f"special token {name} differs: {a} in the teacher ({teacher.path}), "
+                f"{b} in the student ({student.path})"
+            )
     if padded_vocab_teacher != padded_vocab_student:
-        raise TokenizerMismatchError(f"padded vocabulary sizes differ: {padded_vocab_teacher} (teacher) and "
-                                     f"{padded_vocab_student} (student); convert both with the same "
-                                     "--make-vocab-size-divisible-by")  # fmt: skip
+        raise TokenizerMismatchError(
+            f"padded vocabulary sizes differ: {padded_vocab_teacher} (teacher) and "
+            f"{padded_vocab_student} (student); convert both with the same "
+            "--make-vocab-size-divisible-by"
+        )
     if padded_vocab_teacher % tp:
         raise TokenizerMismatchError(f"the padded vocabulary ({padded_vocab_teacher}) is not divisible by TP={tp}")
     if padded_vocab_teacher < teacher.vocab_size:
-        raise TokenizerMismatchError(f"the padded vocabulary ({padded_vocab_teacher}) is smaller than the "
-                                     f"tokenizers' {teacher.vocab_size} tokens")  # fmt: skip
+        raise TokenizerMismatchError(
+            f"the padded vocabulary ({padded_vocab_teacher}) is smaller than the "
+            f"tokenizers' {teacher.vocab_size} tokens"
+        )

@@ -12,9 +12,9 @@ import dataclasses
 import gc
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,7 @@ class EvalConfig:
     no_repeat_ngram_size: int = 6
     max_prompt_length: int = 256  # longer prompts are dropped (and counted), as LMOps drops them
     batch_size: int = 8  # sequences per generate call and per scoring micro-batch, per DP rank
-    exposure_bias_length: Optional[int] = None  # steps of the ExAccErr curve; None: max_new_tokens
+    exposure_bias_length: int | None = None  # steps of the ExAccErr curve; None: max_new_tokens
     ece_bins: int = 10
 
     def __post_init__(self) -> None:
@@ -70,14 +70,21 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise EvaluationError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.exposure_bias_length is not None and not 1 <= self.exposure_bias_length <= self.max_new_tokens:
-            raise EvaluationError(f"exposure_bias_length must be in [1, max_new_tokens={self.max_new_tokens}], "
-                                  f"got {self.exposure_bias_length}")  # fmt: skip
+            raise EvaluationError(
+                f"exposure_bias_length must be in [1, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.exposure_bias_length}"
+            )
         self.sampling_params(())  # the sampling settings fail here, with SamplingParams' own messages
 
     def sampling_params(self, stop_ids: Sequence[int]) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, no_repeat_ngram_size=self.no_repeat_ngram_size,
-                              stop_ids=tuple(stop_ids))  # fmt: skip
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            stop_ids=tuple(stop_ids),
+        )
 
 
 @dataclass
@@ -102,21 +109,23 @@ def prompt_limit(archs: Sequence[Architecture], cfg: EvalConfig) -> int:
     context = min(a.max_position_embeddings for a in archs)
     limit = min(cfg.max_prompt_length, context - cfg.max_new_tokens)
     if limit < 1:
-        raise EvaluationError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in a context of "
-                              f"{context} positions")  # fmt: skip
+        raise EvaluationError(
+            f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in a context of {context} positions"
+        )
     return limit
 
 
 def load_eval_set(
-    path: Union[str, Path], tokenizer: Tokenizer, max_prompt_length: int, fmt: str = "auto", template: str = "alpaca"
+    path: str | Path, tokenizer: Tokenizer, max_prompt_length: int, fmt: str = "auto", template: str = "alpaca"
 ) -> EvalSet:
     """Prompts and reference responses of an instruction file; longer prompts than
     ``max_prompt_length`` tokens are dropped and counted."""
     prompts = load_prompts(path, tokenizer, fmt, template)
     missing = next((p for p in prompts if p.reference is None), None)
     if missing is not None:
-        raise EvaluationError(f"{missing.source}: no reference response; evaluation needs instruction data "
-                              "with responses")  # fmt: skip
+        raise EvaluationError(
+            f"{missing.source}: no reference response; evaluation needs instruction data with responses"
+        )
     kept = [p for p in prompts if len(p.ids) <= max_prompt_length]
     if not kept:
         raise EvaluationError(f"{path}: all {len(prompts)} prompts are longer than {max_prompt_length} tokens")
@@ -147,9 +156,16 @@ def generate_responses(
     params = cfg.sampling_params((tokenizer.eos_id,))
     tokens = []
     for seed in cfg.seeds:
-        samples = generate_all(model.model, [p.ids for p in eval_set.prompts], params, seed,
-                               vocab_size=model.arch.vocab_size, batch_size=cfg.batch_size, pad_id=tokenizer.pad_id,
-                               progress=progress)  # fmt: skip
+        samples = generate_all(
+            model.model,
+            [p.ids for p in eval_set.prompts],
+            params,
+            seed,
+            vocab_size=model.arch.vocab_size,
+            batch_size=cfg.batch_size,
+            pad_id=tokenizer.pad_id,
+            progress=progress,
+        )
         tokens.append([s.tokens for s in samples])
     texts = [[response_text(tokenizer, t, params.stop_ids) for t in per_seed] for per_seed in tokens]
     return Responses(cfg.seeds, tokens, texts)
@@ -157,7 +173,7 @@ def generate_responses(
 
 # (vocab-parallel logits [1, n, V/TP] at the n positions where batch["loss_mask"] is 1, in row-major
 # order (the batch's "logit_positions"), the teacher's or None, micro-batch) -> name -> values [n]
-TokenStats = Callable[[Tensor, Optional[Tensor], Batch], dict[str, Tensor]]
+TokenStats = Callable[[Tensor, Tensor | None, Batch], dict[str, Tensor]]
 
 
 def _micro_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Batch:
@@ -170,13 +186,18 @@ def _micro_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Batch:
         ids[row, : len(prompt) + len(response)] = torch.tensor([*prompt, *response])
         loss_mask[row, len(prompt) - 1 : len(prompt) + len(response) - 1] = 1
     positions = torch.arange(width - 1).expand(len(pairs), width - 1)
-    return {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": loss_mask, "position_ids": positions,
-            "logit_positions": logit_positions(loss_mask)}
+    return {
+        "tokens": ids[:, :-1],
+        "labels": ids[:, 1:],
+        "loss_mask": loss_mask,
+        "position_ids": positions,
+        "logit_positions": logit_positions(loss_mask),
+    }
 
 
 def _last_stage(
     model: torch.nn.Module, batch: Batch, fn: Callable[[Tensor], dict[str, Tensor]]
-) -> Optional[dict[str, Tensor]]:
+) -> dict[str, Tensor] | None:
     """``fn`` of the logits of one micro-batch, on the last pipeline stage (None elsewhere)."""
     model.eval()
     with torch.no_grad():
@@ -185,9 +206,12 @@ def _last_stage(
 
 
 def token_stats(
-    model: torch.nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], stats: TokenStats,
-    batch_size: int, teacher: Optional[torch.nn.Module] = None,
-) -> list[dict[str, list[float]]]:  # fmt: skip
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    stats: TokenStats,
+    batch_size: int,
+    teacher: torch.nn.Module | None = None,
+) -> list[dict[str, list[float]]]:
     """Teacher-forced per-token statistics of (prompt, response) pairs, one dict per pair with one
     value per response token, on every rank (collective).
 
@@ -216,7 +240,7 @@ def token_stats(
 
 
 def _divergences(vocab_size: int) -> TokenStats:
-    def stats(logits: Tensor, teacher_logits: Optional[Tensor], _: Batch) -> dict[str, Tensor]:
+    def stats(logits: Tensor, teacher_logits: Tensor | None, _: Batch) -> dict[str, Tensor]:
         kl = {"reverse_kl": reverse_kl, "forward_kl": forward_kl}
         return {name: f(logits, teacher_logits, vocab_size=vocab_size, reduction="none")[0] for name, f in kl.items()}
 
@@ -226,7 +250,7 @@ def _divergences(vocab_size: int) -> TokenStats:
 def _confidence(vocab_size: int) -> TokenStats:
     """Max next-token probability and whether its argmax is the target, vocab-parallel."""
 
-    def stats(logits: Tensor, _: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
+    def stats(logits: Tensor, _: Tensor | None, batch: Batch) -> dict[str, Tensor]:
         rows = mask_padded_vocab(logits, vocab_size)[0].float()
         predicted = vp.argmax(rows)
         confidence = vp.gather_ids(vp.log_softmax(rows), predicted).exp()
@@ -271,9 +295,13 @@ class Evaluation:
 
 
 def evaluate_model(
-    name: str, model: EvalModel, responses: Responses, eval_set: EvalSet, cfg: EvalConfig,
-    teacher: Optional[tuple[EvalModel, Responses]] = None,
-) -> Evaluation:  # fmt: skip
+    name: str,
+    model: EvalModel,
+    responses: Responses,
+    eval_set: EvalSet,
+    cfg: EvalConfig,
+    teacher: tuple[EvalModel, Responses] | None = None,
+) -> Evaluation:
     """Every metric of one model from its ``responses`` (collective).
 
     Always: Rouge-L against the references per seed, ECE on the references, response lengths.
@@ -283,21 +311,31 @@ def evaluate_model(
     """
     refs = [p.reference for p in eval_set.prompts]
     metrics = {"rougeL": [corpus_rouge_l(texts, refs) for texts in responses.texts]}
-    exposure: Optional[ExposureBias] = None
+    exposure: ExposureBias | None = None
     if teacher is not None:
         teacher_model, teacher_responses = teacher
         if teacher_responses.seeds != responses.seeds:
-            raise EvaluationError(f"the teacher's responses have seeds {teacher_responses.seeds}, "
-                                  f"the model's {responses.seeds}")  # fmt: skip
+            raise EvaluationError(
+                f"the teacher's responses have seeds {teacher_responses.seeds}, the model's {responses.seeds}"
+            )
         if teacher_model.arch.vocab_size != model.arch.vocab_size:
-            raise EvaluationError(f"{name} and the teacher have different vocabularies in config.json "
-                                  f"({model.arch.vocab_size} vs {teacher_model.arch.vocab_size} tokens)")  # fmt: skip
+            raise EvaluationError(
+                f"{name} and the teacher have different vocabularies in config.json "
+                f"({model.arch.vocab_size} vs {teacher_model.arch.vocab_size} tokens)"
+            )
         metrics["rougeL_vs_teacher"] = [corpus_rouge_l(s, t) for s, t in zip(responses.texts, teacher_responses.texts)]
         steps = {}
         for source, sampled in (("student", responses), ("teacher", teacher_responses)):
-            stats = [token_stats(model.model, list(zip((p.ids for p in eval_set.prompts), per_seed)),
-                                 _divergences(model.arch.vocab_size), cfg.batch_size, teacher_model.model)
-                     for per_seed in sampled.tokens]  # fmt: skip
+            stats = [
+                token_stats(
+                    model.model,
+                    list(zip((p.ids for p in eval_set.prompts), per_seed)),
+                    _divergences(model.arch.vocab_size),
+                    cfg.batch_size,
+                    teacher_model.model,
+                )
+                for per_seed in sampled.tokens
+            ]
             metrics[f"rkl@{source}"] = [_token_mean(s, "reverse_kl") for s in stats]
             metrics[f"fkl@{source}"] = [_token_mean(s, "forward_kl") for s in stats]
             steps[source] = _per_step(stats, cfg.exposure_bias_length or cfg.max_new_tokens)
@@ -315,16 +353,21 @@ class EvalReport:
     info: dict  # settings and data counts, for results.json
 
 
-def _load(path: Union[str, Path]) -> EvalModel:
+def _load(path: str | Path) -> EvalModel:
     model, arch, _ = load_model(path)
     return EvalModel(model, arch)
 
 
 def evaluate_checkpoints(
-    checkpoints: Sequence[tuple[str, Union[str, Path]]], data: Union[str, Path], cfg: EvalConfig, *,
-    teacher: Optional[tuple[str, Union[str, Path]]] = None, fmt: str = "auto", template: str = "alpaca",
+    checkpoints: Sequence[tuple[str, str | Path]],
+    data: str | Path,
+    cfg: EvalConfig,
+    *,
+    teacher: tuple[str, str | Path] | None = None,
+    fmt: str = "auto",
+    template: str = "alpaca",
     progress: bool = False,
-) -> EvalReport:  # fmt: skip
+) -> EvalReport:
     """Evaluate (name, checkpoint) pairs on one instruction file at the current layout (collective).
 
     Every checkpoint is validated and every tokenizer checked against the teacher's (else the first
@@ -340,12 +383,17 @@ def evaluate_checkpoints(
     tokenizer = load_tokenizer(named[0][1])
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for (_, path), meta in zip(named[1:], metas[1:]):
-        check_tokenizers_compatible(tokenizer, load_tokenizer(path), metas[0].padded_vocab_size,
-                                    meta.padded_vocab_size, tp)  # fmt: skip
+        check_tokenizers_compatible(
+            tokenizer, load_tokenizer(path), metas[0].padded_vocab_size, meta.padded_vocab_size, tp
+        )
     limit = prompt_limit([load_architecture(path) for _, path in named], cfg)
     eval_set = load_eval_set(data, tokenizer, limit, fmt, template)
-    logger.info("%d prompts, %d dropped (longer than %d tokens)", len(eval_set.prompts), eval_set.dropped,
-                eval_set.max_prompt_length)  # fmt: skip
+    logger.info(
+        "%d prompts, %d dropped (longer than %d tokens)",
+        len(eval_set.prompts),
+        eval_set.dropped,
+        eval_set.max_prompt_length,
+    )
 
     evaluations, reference = [], None
     if teacher:
@@ -362,17 +410,25 @@ def evaluate_checkpoints(
         del model
         gc.collect()
     info = {
-        "data": str(data), "format": fmt, "template": template, "checkpoints": {n: str(p) for n, p in named},
-        "teacher": teacher[0] if teacher else None, "prompts": len(eval_set.prompts),
-        "dropped_prompts": eval_set.dropped, "max_prompt_length": eval_set.max_prompt_length,
+        "data": str(data),
+        "format": fmt,
+        "template": template,
+        "checkpoints": {n: str(p) for n, p in named},
+        "teacher": teacher[0] if teacher else None,
+        "prompts": len(eval_set.prompts),
+        "dropped_prompts": eval_set.dropped,
+        "max_prompt_length": eval_set.max_prompt_length,
         "config": dataclasses.asdict(cfg),
-        "layout": {"tp": tp, "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-                   "dp": parallel_state.get_data_parallel_world_size()},
-    }  # fmt: skip
+        "layout": {
+            "tp": tp,
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(),
+        },
+    }
     return EvalReport(evaluations, eval_set, info)
 
 
-def write_evaluation(report: EvalReport, out_dir: Union[str, Path]) -> list[Path]:
+def write_evaluation(report: EvalReport, out_dir: str | Path) -> list[Path]:
     """results.json, results.md, the PNGs (see :mod:`.report`) and responses.jsonl: per model and
     prompt, the reference and the response of each seed."""
     written = write_report([e.results for e in report.evaluations], out_dir, report.info)
@@ -381,8 +437,13 @@ def write_evaluation(report: EvalReport, out_dir: Union[str, Path]) -> list[Path
         for e in report.evaluations:
             seeds = [str(s) for s in e.responses.seeds]
             for i, prompt in enumerate(report.eval_set.prompts):
-                record = {"model": e.results.name, "index": i, "source": prompt.source, "prompt": prompt.text,
-                          "reference": prompt.reference,
-                          "responses": {s: texts[i] for s, texts in zip(seeds, e.responses.texts)}}  # fmt: skip
+                record = {
+                    "model": e.results.name,
+                    "index": i,
+                    "source": prompt.source,
+                    "prompt": prompt.text,
+                    "reference": prompt.reference,
+                    "responses": {s: texts[i] for s, texts in zip(seeds, e.responses.texts)},
+                }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return [*written, path]

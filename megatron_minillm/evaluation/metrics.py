@@ -5,8 +5,8 @@ The evaluator (generation with the sampler) computes the inputs; per-token diver
 Formulas and sources are in docs/evaluation.md.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from rouge_score import rouge_scorer
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
-def rouge_l(prediction: str, references: Union[str, Sequence[str]]) -> float:
+def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     """Rouge-L F-measure x 100 of one prediction, the best over its references.
 
     As LMOps ``minillm/rouge_metric.py`` (``rouge`` + ``metric_max_over_ground_truths``): Google's
@@ -28,12 +28,11 @@ def rouge_l(prediction: str, references: Union[str, Sequence[str]]) -> float:
     return 100.0 * max(_ROUGE.score(target=ref, prediction=prediction)["rougeL"].fmeasure for ref in refs)
 
 
-def corpus_rouge_l(predictions: Sequence[str], references: Sequence[Union[str, Sequence[str]]]) -> float:
+def corpus_rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """Mean of :func:`rouge_l` over examples (LMOps ``compute_metrics``, which instead silently cuts
     the longer list; here unequal lengths are an error)."""
     if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"need as many predictions as references (>= 1), got {len(predictions)} "
-                         f"and {len(references)}")  # fmt: skip
+        raise ValueError(f"need as many predictions as references (>= 1), got {len(predictions)} and {len(references)}")
     return float(np.mean([rouge_l(p, r) for p, r in zip(predictions, references)]))
 
 
@@ -45,12 +44,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
-def _masked(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _masked(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return values.reshape(-1) if mask is None else values[mask.bool()]
 
 
 def expected_calibration_error(
-    confidence: torch.Tensor, correct: torch.Tensor, mask: Optional[torch.Tensor] = None, n_bins: int = 10
+    confidence: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor | None = None, n_bins: int = 10
 ) -> float:
     """ECE = sum_b (n_b / N) |acc_b - conf_b| over ``n_bins`` equal-width bins of confidence.
 
@@ -71,7 +70,7 @@ def expected_calibration_error(
 
 
 def next_token_ece(
-    logits: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor] = None, n_bins: int = 10
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None, n_bins: int = 10
 ) -> float:
     """ECE of next-token predictions from full-vocabulary logits [..., V] (gather TP shards first):
     confidence = max_v softmax(logits)_v, correct = (argmax_v logits == target)."""
@@ -97,8 +96,10 @@ def _accumulated(step_error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum_{t <= l} of the per-step error, averaged over samples per prompt where valid, then over
     prompts: [n, L] or [n, k samples, L] -> [L]."""
     if step_error.shape != mask.shape or step_error.dim() not in (2, 3):
-        raise ValueError(f"step errors {tuple(step_error.shape)} and mask {tuple(mask.shape)} must both be "
-                         "[prompts, steps] or [prompts, samples, steps]")  # fmt: skip
+        raise ValueError(
+            f"step errors {tuple(step_error.shape)} and mask {tuple(mask.shape)} must both be "
+            "[prompts, steps] or [prompts, samples, steps]"
+        )
     err, m = step_error.double(), mask.double()
     if err.dim() == 3:
         err = (err * m).sum(1) / m.sum(1).clamp(min=1.0)
@@ -108,9 +109,11 @@ def _accumulated(step_error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def exposure_bias(
-    free_run_error: torch.Tensor, free_run_mask: torch.Tensor,
-    teacher_forced_error: torch.Tensor, teacher_forced_mask: torch.Tensor,
-) -> ExposureBias:  # fmt: skip
+    free_run_error: torch.Tensor,
+    free_run_mask: torch.Tensor,
+    teacher_forced_error: torch.Tensor,
+    teacher_forced_mask: torch.Tensor,
+) -> ExposureBias:
     """ExAccErr(l) = (R(l) - l eps(l)) / (l eps(l)) x 100%: the share of the error accumulated in
     free-running generation that comes from exposure bias.
 
@@ -132,13 +135,15 @@ def exposure_bias(
     regret = _accumulated(free_run_error, free_run_mask)
     teacher = _accumulated(teacher_forced_error, teacher_forced_mask)
     if regret.shape != teacher.shape:
-        raise ValueError(f"free-running ({regret.numel()} steps) and teacher-forced ({teacher.numel()} steps) "
-                         "errors must cover the same number of steps")  # fmt: skip
+        raise ValueError(
+            f"free-running ({regret.numel()} steps) and teacher-forced ({teacher.numel()} steps) "
+            "errors must cover the same number of steps"
+        )
     ratio = torch.where(teacher > 0, (regret - teacher) / teacher, torch.full_like(teacher, float("nan")))
     return ExposureBias(regret.numpy(), teacher.numpy(), 100.0 * ratio.numpy())
 
 
-def length_stats(lengths: Sequence[int], max_length: Optional[int] = None) -> dict[str, float]:
+def length_stats(lengths: Sequence[int], max_length: int | None = None) -> dict[str, float]:
     """Mean, std, min, median, max of response lengths (tokens); with ``max_length`` also the
     fraction of responses that reached it (cut off rather than ended with EOS)."""
     arr = np.asarray(lengths, dtype=np.float64)

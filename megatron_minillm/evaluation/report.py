@@ -13,9 +13,9 @@ curve and free-form details (JSON only). Files written by :func:`write_report` i
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import matplotlib
 
@@ -30,7 +30,7 @@ from megatron_minillm.evaluation.metrics import ExposureBias, mean_std  # noqa: 
 class ModelResults:
     name: str
     metrics: dict[str, list[float]] = field(default_factory=dict)  # metric -> one value per seed
-    exposure_bias: Optional[ExposureBias] = None
+    exposure_bias: ExposureBias | None = None
     details: dict = field(default_factory=dict)  # JSON-serialisable extras (e.g. full length statistics)
 
 
@@ -38,12 +38,12 @@ def _metric_names(results: Sequence[ModelResults]) -> list[str]:
     return list(dict.fromkeys(name for r in results for name in r.metrics))
 
 
-def _finite(values: Sequence[float]) -> list[Optional[float]]:
+def _finite(values: Sequence[float]) -> list[float | None]:
     """NaN/inf -> None: JSON has no NaN (ExAccErr is undefined where l eps(l) = 0)."""
     return [float(v) if math.isfinite(v) else None for v in values]
 
 
-def to_json(results: Sequence[ModelResults], info: Optional[dict] = None) -> dict:
+def to_json(results: Sequence[ModelResults], info: dict | None = None) -> dict:
     models = []
     for r in results:
         entry: dict = {"name": r.name, "metrics": {}}
@@ -52,9 +52,12 @@ def to_json(results: Sequence[ModelResults], info: Optional[dict] = None) -> dic
             entry["metrics"][name] = {"values": _finite(values), "mean": mean, "std": std}
         if r.exposure_bias is not None:
             eb = r.exposure_bias
-            entry["exposure_bias"] = {"lengths": eb.lengths.tolist(), "exacc_err": _finite(eb.exacc_err),
-                                      "regret": _finite(eb.regret),
-                                      "teacher_forced": _finite(eb.teacher_forced)}  # fmt: skip
+            entry["exposure_bias"] = {
+                "lengths": eb.lengths.tolist(),
+                "exacc_err": _finite(eb.exacc_err),
+                "regret": _finite(eb.regret),
+                "teacher_forced": _finite(eb.teacher_forced),
+            }
         if r.details:
             entry["details"] = r.details
         models.append(entry)
@@ -65,7 +68,7 @@ def markdown_table(results: Sequence[ModelResults], digits: int = 2) -> str:
     """Rows = models, columns = metrics; "mean ± std" over seeds (the mean alone for one seed)."""
     names = _metric_names(results)
 
-    def cell(values: Optional[list[float]]) -> str:
+    def cell(values: list[float] | None) -> str:
         if not values:
             return "–"
         mean, std = mean_std(values)
@@ -76,7 +79,7 @@ def markdown_table(results: Sequence[ModelResults], digits: int = 2) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_exposure_bias(results: Sequence[ModelResults], path: Union[str, Path]) -> None:
+def plot_exposure_bias(results: Sequence[ModelResults], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         if r.exposure_bias is not None:
@@ -89,7 +92,7 @@ def plot_exposure_bias(results: Sequence[ModelResults], path: Union[str, Path]) 
     plt.close(fig)
 
 
-def plot_metric(results: Sequence[ModelResults], metric: str, path: Union[str, Path]) -> None:
+def plot_metric(results: Sequence[ModelResults], metric: str, path: str | Path) -> None:
     shown = [r for r in results if r.metrics.get(metric)]
     stats = [mean_std(r.metrics[metric]) for r in shown]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(shown) + 2), 4))
@@ -101,7 +104,7 @@ def plot_metric(results: Sequence[ModelResults], metric: str, path: Union[str, P
     plt.close(fig)
 
 
-def write_report(results: Sequence[ModelResults], out_dir: Union[str, Path], info: Optional[dict] = None) -> list[Path]:
+def write_report(results: Sequence[ModelResults], out_dir: str | Path, info: dict | None = None) -> list[Path]:
     """Write every file of the module docstring into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ and cache directory of torch.compile's own CPU kernels), so it needs what torch.
 
 import ctypes
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -131,8 +131,8 @@ extern "C" void reverse_kl_rows(const float* z, const float* t, float* grad, con
 """
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel() -> Optional[Callable]:
+@functools.cache
+def _kernel() -> Callable | None:
     """The compiled kernel, or None once compiling has failed (then the caller runs other kernels)."""
     if compilation.failed:
         return None
@@ -151,14 +151,22 @@ def _kernel() -> Optional[Callable]:
 
 def supports(student: Tensor, teacher: Tensor) -> bool:
     """fp32 CPU logits [tokens, V] with contiguous rows."""
-    return (student.device.type == "cpu" and student.dtype == teacher.dtype == torch.float32
-            and student.stride(-1) == teacher.stride(-1) == 1)  # fmt: skip
+    return (
+        student.device.type == "cpu"
+        and student.dtype == teacher.dtype == torch.float32
+        and student.stride(-1) == teacher.stride(-1) == 1
+    )
 
 
 def reverse_kl_rows(
-    student: Tensor, teacher: Tensor, rows: Tensor, weights: Tensor, num_valid: int, temperature: float,
-    grad: Optional[Tensor],
-) -> Optional[Tensor]:  # fmt: skip
+    student: Tensor,
+    teacher: Tensor,
+    rows: Tensor,
+    weights: Tensor,
+    num_valid: int,
+    temperature: float,
+    grad: Tensor | None,
+) -> Tensor | None:
     """The full-vocabulary sums [3, n] (S_q, S_p, A) of the selected ``rows`` of ``student`` and ``teacher``
     [tokens, V] (``supports``), and weights * dKL/dz into those rows of ``grad`` unless it is None; None
     if the kernel could not be built."""
@@ -167,8 +175,20 @@ def reverse_kl_rows(
         return None
     rows, weights = rows.contiguous(), weights.contiguous()
     stats = student.new_empty(3, len(rows))
-    kernel(student.data_ptr(), teacher.data_ptr(), None if grad is None else grad.data_ptr(), rows.data_ptr(),
-           weights.data_ptr(), stats.data_ptr(), len(rows), num_valid, student.shape[-1], student.stride(0),
-           teacher.stride(0), 0 if grad is None else grad.stride(0), 1.0 / temperature,
-           torch.get_num_threads())  # fmt: skip
+    kernel(
+        student.data_ptr(),
+        teacher.data_ptr(),
+        None if grad is None else grad.data_ptr(),
+        rows.data_ptr(),
+        weights.data_ptr(),
+        stats.data_ptr(),
+        len(rows),
+        num_valid,
+        student.shape[-1],
+        student.stride(0),
+        teacher.stride(0),
+        0 if grad is None else grad.stride(0),
+        1.0 / temperature,
+        torch.get_num_threads(),
+    )
     return stats

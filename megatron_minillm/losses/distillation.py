@@ -9,8 +9,6 @@ size and the optional compiled kernels. Values are fp32 (fp64 for fp64 logits). 
 ``divergences.py``; the chunked vocab-parallel computation in ``vocab_parallel.py``.
 """
 
-from typing import Optional
-
 from torch import Tensor
 
 from megatron_minillm.losses.divergences import (
@@ -30,43 +28,89 @@ _DEFAULT = KernelOptions()
 
 
 def token_log_probs(
-    logits: Tensor, ids: Tensor, loss_mask: Optional[Tensor] = None, *, temperature: float = 1.0,
-    vocab_size: Optional[int] = None, reduction: Reduction = "none", options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+    logits: Tensor,
+    ids: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "none",
+    options: KernelOptions = _DEFAULT,
+) -> Tensor:
     """log q(ids) = z_id / T - logsumexp(z / T): the vocab-parallel gather of megatron's
     ``vocab_parallel_cross_entropy`` (its negative), for policy-gradient ratios and the LM loss."""
     check_reduction(reduction)
     if tuple(ids.shape) != tuple(logits.shape[:2]) or ids.is_floating_point():
-        raise ValueError(f"ids must be integer [b, s] = {tuple(logits.shape[:2])} of the logits "
-                         f"{tuple(logits.shape)}, got {ids.dtype} {tuple(ids.shape)}")  # fmt: skip
-    return vocab_parallel_loss(logits, ids, loss_mask, terms=None, temperature=temperature, vocab_size=vocab_size,
-                               reduction=reduction, options=options)  # fmt: skip
+        raise ValueError(
+            f"ids must be integer [b, s] = {tuple(logits.shape[:2])} of the logits "
+            f"{tuple(logits.shape)}, got {ids.dtype} {tuple(ids.shape)}"
+        )
+    return vocab_parallel_loss(
+        logits,
+        ids,
+        loss_mask,
+        terms=None,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        reduction=reduction,
+        options=options,
+    )
 
 
 def entropy(
-    logits: Tensor, loss_mask: Optional[Tensor] = None, *, temperature: float = 1.0,
-    vocab_size: Optional[int] = None, reduction: Reduction = "none", options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+    logits: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "none",
+    options: KernelOptions = _DEFAULT,
+) -> Tensor:
     """H(q) = -sum_v q_v log q_v per token (``divergences.entropy_terms``)."""
     check_reduction(reduction)
-    return vocab_parallel_loss(logits, logits, loss_mask, terms=entropy_terms, temperature=temperature,
-                               vocab_size=vocab_size, reduction=reduction, needs_teacher=False,
-                               options=options)  # fmt: skip
+    return vocab_parallel_loss(
+        logits,
+        logits,
+        loss_mask,
+        terms=entropy_terms,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        reduction=reduction,
+        needs_teacher=False,
+        options=options,
+    )
 
 
 def _divergence(
-    terms: Terms, student_logits: Tensor, teacher_logits: Tensor, loss_mask: Optional[Tensor],
-    temperature: float, vocab_size: Optional[int], reduction: Reduction, options: KernelOptions,
+    terms: Terms,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_mask: Tensor | None,
+    temperature: float,
+    vocab_size: int | None,
+    reduction: Reduction,
+    options: KernelOptions,
     coef: float = 0.0,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     check_reduction(reduction)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape [b, s, V/TP]")  # fmt: skip
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape [b, s, V/TP]"
+        )
     if not teacher_logits.is_floating_point():
         raise ValueError(f"teacher logits must be floating point, got {teacher_logits.dtype}")
-    return vocab_parallel_loss(student_logits, teacher_logits, loss_mask, terms=terms, temperature=temperature,
-                               vocab_size=vocab_size, reduction=reduction, coef=coef, options=options)  # fmt: skip
+    return vocab_parallel_loss(
+        student_logits,
+        teacher_logits,
+        loss_mask,
+        terms=terms,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        reduction=reduction,
+        coef=coef,
+        options=options,
+    )
 
 
 def _check_unit_interval(name: str, value: float, closed_low: bool) -> None:
@@ -76,73 +120,142 @@ def _check_unit_interval(name: str, value: float, closed_low: bool) -> None:
 
 
 def reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, loss_mask: Optional[Tensor] = None, *,
-    temperature: float = 1.0, vocab_size: Optional[int] = None, reduction: Reduction = "token_mean",
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """KL(q || p), exact over the full vocabulary (``divergences.reverse_kl_terms``)."""
-    return _divergence(reverse_kl_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size,
-                       reduction, options)  # fmt: skip
+    return _divergence(
+        reverse_kl_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size, reduction, options
+    )
 
 
 def forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, loss_mask: Optional[Tensor] = None, *,
-    temperature: float = 1.0, vocab_size: Optional[int] = None, reduction: Reduction = "token_mean",
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """KL(p || q), word-level KD (``divergences.forward_kl_terms``)."""
-    return _divergence(forward_kl_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size,
-                       reduction, options)  # fmt: skip
+    return _divergence(
+        forward_kl_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size, reduction, options
+    )
 
 
 def skew_forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, loss_mask: Optional[Tensor] = None, *, lam: float = 0.1,
-    temperature: float = 1.0, vocab_size: Optional[int] = None, reduction: Reduction = "token_mean",
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    lam: float = 0.1,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """KL(p || lam p + (1 - lam) q), lam in [0, 1) (``divergences.skew_forward_kl_terms``)."""
     _check_unit_interval("skew lambda", lam, closed_low=True)
-    return _divergence(skew_forward_kl_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size,
-                       reduction, options, coef=float(lam))  # fmt: skip
+    return _divergence(
+        skew_forward_kl_terms,
+        student_logits,
+        teacher_logits,
+        loss_mask,
+        temperature,
+        vocab_size,
+        reduction,
+        options,
+        coef=float(lam),
+    )
 
 
 def skew_reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, loss_mask: Optional[Tensor] = None, *, lam: float = 0.1,
-    temperature: float = 1.0, vocab_size: Optional[int] = None, reduction: Reduction = "token_mean",
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    lam: float = 0.1,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """KL(q || lam q + (1 - lam) p), lam in [0, 1) (``divergences.skew_reverse_kl_terms``)."""
     _check_unit_interval("skew lambda", lam, closed_low=True)
-    return _divergence(skew_reverse_kl_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size,
-                       reduction, options, coef=float(lam))  # fmt: skip
+    return _divergence(
+        skew_reverse_kl_terms,
+        student_logits,
+        teacher_logits,
+        loss_mask,
+        temperature,
+        vocab_size,
+        reduction,
+        options,
+        coef=float(lam),
+    )
 
 
 def generalized_jsd(
-    student_logits: Tensor, teacher_logits: Tensor, loss_mask: Optional[Tensor] = None, *, beta: float = 0.5,
-    temperature: float = 1.0, vocab_size: Optional[int] = None, reduction: Reduction = "token_mean",
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, beta in (0, 1)
     (``divergences.generalized_jsd_terms``; at beta = 0 or 1 it vanishes: use forward_kl / reverse_kl)."""
     _check_unit_interval("JSD beta", beta, closed_low=False)
-    return _divergence(generalized_jsd_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size,
-                       reduction, options, coef=float(beta))  # fmt: skip
+    return _divergence(
+        generalized_jsd_terms,
+        student_logits,
+        teacher_logits,
+        loss_mask,
+        temperature,
+        vocab_size,
+        reduction,
+        options,
+        coef=float(beta),
+    )
 
 
 def total_variation_distance(
-    student_logits: Tensor, teacher_logits: Tensor, loss_mask: Optional[Tensor] = None, *,
-    temperature: float = 1.0, vocab_size: Optional[int] = None, reduction: Reduction = "token_mean",
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """1/2 sum_v |q_v - p_v| (``divergences.total_variation_terms``)."""
-    return _divergence(total_variation_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size,
-                       reduction, options)  # fmt: skip
+    return _divergence(
+        total_variation_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size, reduction, options
+    )
 
 
 def minillm_single_step_loss(
-    student_logits: Tensor, teacher_logits: Tensor, loss_mask: Tensor, *, temperature: float = 1.0,
-    vocab_size: Optional[int] = None, length_normalize: bool = False, options: KernelOptions = _DEFAULT,
-) -> Tensor:  # fmt: skip
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    length_normalize: bool = False,
+    options: KernelOptions = _DEFAULT,
+) -> Tensor:
     """MiniLLM's single-step term L_Single: the full-vocabulary reverse KL KL(q_t || p_t) at every
     response position t (``loss_mask``), whose gradient is (grad L)_Single of MiniLLM Eq. 3.
 
@@ -152,5 +265,12 @@ def minillm_single_step_loss(
     response tokens, then over sequences (every response weighs the same, in the spirit of Eq. 6,
     which normalises the long-term return R_{t+1} by the remaining length).
     """
-    return reverse_kl(student_logits, teacher_logits, loss_mask, temperature=temperature, vocab_size=vocab_size,
-                      reduction="sequence_mean" if length_normalize else "token_mean", options=options)  # fmt: skip
+    return reverse_kl(
+        student_logits,
+        teacher_logits,
+        loss_mask,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        reduction="sequence_mean" if length_normalize else "token_mean",
+        options=options,
+    )

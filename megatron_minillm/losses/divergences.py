@@ -24,12 +24,12 @@ normalisation), LMOps = microsoft/LMOps ``minillm/``, DistiLLM = arXiv 2402.0389
 jongwooko/distillm ``distillm/losses.py``, GKD = arXiv 2306.13649.
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-Terms = Callable[[Tensor, Tensor, Optional[Tensor], float], tuple[Tensor, Tensor]]
+Terms = Callable[[Tensor, Tensor, Tensor | None, float], tuple[Tensor, Tensor]]
 _LOG2_E = 1.4426950408889634
 
 
@@ -55,7 +55,7 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     return num / den.clamp(min=torch.finfo(den.dtype).tiny)
 
 
-def reverse_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], coef: float) -> tuple[Tensor, Tensor]:
+def reverse_kl_terms(log_q: Tensor, q: Tensor, log_p: Tensor | None, coef: float) -> tuple[Tensor, Tensor]:
     """KL(q || p) = sum_v q_v (log q_v - log p_v) at one position: -E_{y_t ~ q}[r_t] of MiniLLM Eq. 3,
     a chain-rule term of the sequence-level KL of Eq. 1.
 
@@ -66,7 +66,7 @@ def reverse_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], coef: fl
     return phi, phi
 
 
-def forward_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], coef: float) -> tuple[Tensor, Tensor]:
+def forward_kl_terms(log_q: Tensor, q: Tensor, log_p: Tensor | None, coef: float) -> tuple[Tensor, Tensor]:
     """KL(p || q) = sum_v p_v (log p_v - log q_v): word-level KD (Hinton et al. 2015).
 
     LMOps ``Loss.pt_loss`` (``distil_loss``, the kd_ratio term) and DistiLLM ``forward_kl``
@@ -77,7 +77,7 @@ def forward_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], coef: fl
     return _weighted_log_ratio(p, log_p, log_q), -p
 
 
-def skew_forward_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], lam: float) -> tuple[Tensor, Tensor]:
+def skew_forward_kl_terms(log_q: Tensor, q: Tensor, log_p: Tensor | None, lam: float) -> tuple[Tensor, Tensor]:
     """Skew forward KL: KL(p || lam p + (1 - lam) q), DistiLLM Sec. 3.1 (``skewed_forward_kl``).
 
     lam = 0 is the forward KL. b_v = -(1 - lam) p_v q_v / m_v.
@@ -87,7 +87,7 @@ def skew_forward_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], lam
     return _weighted_log_ratio(p, log_p, log_m), -(1.0 - lam) * p * _safe_ratio(q, m)
 
 
-def skew_reverse_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], lam: float) -> tuple[Tensor, Tensor]:
+def skew_reverse_kl_terms(log_q: Tensor, q: Tensor, log_p: Tensor | None, lam: float) -> tuple[Tensor, Tensor]:
     """Skew reverse KL: KL(q || lam q + (1 - lam) p), DistiLLM Sec. 3.1 (``skewed_reverse_kl``).
 
     lam = 0 is the reverse KL. b_v = q_v (log q_v - log m_v) - lam q_v^2 / m_v.
@@ -97,7 +97,7 @@ def skew_reverse_kl_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], lam
     return phi, phi - lam * q * _safe_ratio(q, m)
 
 
-def generalized_jsd_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], beta: float) -> tuple[Tensor, Tensor]:
+def generalized_jsd_terms(log_q: Tensor, q: Tensor, log_p: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
     """Generalized JSD, GKD Eq. 1: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
 
     Same convention as TRL ``GKDTrainer.generalized_jsd_loss``. The p-side term's derivative
@@ -109,7 +109,7 @@ def generalized_jsd_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], bet
     return beta * _weighted_log_ratio(p, log_p, log_m) + (1.0 - beta) * q_side, (1.0 - beta) * q_side
 
 
-def total_variation_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], coef: float) -> tuple[Tensor, Tensor]:
+def total_variation_terms(log_q: Tensor, q: Tensor, log_p: Tensor | None, coef: float) -> tuple[Tensor, Tensor]:
     """Total variation distance 1/2 sum_v |q_v - p_v| (DistiLLM ``tv_distance``).
 
     b_v = q_v sign(q_v - p_v) / 2 (subgradient 0 where q_v = p_v, as autograd's abs).
@@ -118,7 +118,7 @@ def total_variation_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], coe
     return 0.5 * diff.abs(), 0.5 * q * diff.sign()
 
 
-def entropy_terms(log_q: Tensor, q: Tensor, log_p: Optional[Tensor], coef: float) -> tuple[Tensor, Tensor]:
+def entropy_terms(log_q: Tensor, q: Tensor, log_p: Tensor | None, coef: float) -> tuple[Tensor, Tensor]:
     """Entropy H(q) = -sum_v q_v log q_v (LMOps ``get_entropy``); dH/dz_v = -q_v (log q_v + H) / T."""
     phi = -_weighted_log_ratio(q, log_q, 0.0)
     return phi, phi

@@ -13,7 +13,7 @@ to five for the generic ``divergence_*`` kernels, which serve every formula of `
 
 import functools
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,15 @@ class VocabParallelKernels:
 
     @staticmethod
     def divergence_partials(
-        student: Tensor, teacher: Optional[Tensor], lse: Tensor, temperature: float, num_valid: int,
-        coef: float, *, terms: Terms,
-    ) -> Tensor:  # fmt: skip
+        student: Tensor,
+        teacher: Tensor | None,
+        lse: Tensor,
+        temperature: float,
+        num_valid: int,
+        coef: float,
+        *,
+        terms: Terms,
+    ) -> Tensor:
         """[2, C]: this slice's sum_v phi_v (the divergence) and sum_v b_v (for the gradient).
 
         ``lse`` rows: the student's and the teacher's full-vocabulary log-normalizers.
@@ -78,9 +84,17 @@ class VocabParallelKernels:
 
     @staticmethod
     def divergence_grad(
-        out: Tensor, student: Tensor, teacher: Optional[Tensor], saved: Tensor, weight: Tensor,
-        temperature: float, num_valid: int, coef: float, *, terms: Terms,
-    ) -> None:  # fmt: skip
+        out: Tensor,
+        student: Tensor,
+        teacher: Tensor | None,
+        saved: Tensor,
+        weight: Tensor,
+        temperature: float,
+        num_valid: int,
+        coef: float,
+        *,
+        terms: Terms,
+    ) -> None:
         """out = weight * dD/dz = weight (b - q * sum_v b_v) / T, ``weight`` [C] per token.
 
         ``saved`` rows: the two log-normalizers and sum_v b_v (over the full vocabulary).
@@ -102,9 +116,15 @@ class VocabParallelKernels:
 
     @staticmethod
     def target_grad(
-        out: Tensor, student: Tensor, target: Tensor, saved: Tensor, weight: Tensor, temperature: float,
-        num_valid: int, coef: float,
-    ) -> None:  # fmt: skip
+        out: Tensor,
+        student: Tensor,
+        target: Tensor,
+        saved: Tensor,
+        weight: Tensor,
+        temperature: float,
+        num_valid: int,
+        coef: float,
+    ) -> None:
         """out = weight * d log q_y / dz = weight (onehot(y) - q) / T."""
         scale = (weight / temperature).to(saved.dtype)
         q = fast_exp(VocabParallelKernels.log_probs(student, saved[0], temperature, num_valid))
@@ -160,18 +180,22 @@ class VocabParallelKernels:
         return K._maxima(*K.finite_logits(student, teacher, temperature, num_valid))
 
     @staticmethod
-    def reverse_kl_sums(
-        student: Tensor, teacher: Tensor, maxima: Tensor, temperature: float, num_valid: int
-    ) -> Tensor:
+    def reverse_kl_sums(student: Tensor, teacher: Tensor, maxima: Tensor, temperature: float, num_valid: int) -> Tensor:
         """[3, C]: this slice's S_q, S_p and A given the full-vocabulary ``maxima`` [2, C]."""
         x, y = VocabParallelKernels.finite_logits(student, teacher, temperature, num_valid)
         return VocabParallelKernels._terms(x, y, maxima)[2]
 
     @staticmethod
     def reverse_kl_grad(
-        out: Tensor, student: Tensor, teacher: Tensor, maxima: Tensor, sums: Tensor, weight: Tensor,
-        temperature: float, num_valid: int,
-    ) -> None:  # fmt: skip
+        out: Tensor,
+        student: Tensor,
+        teacher: Tensor,
+        maxima: Tensor,
+        sums: Tensor,
+        weight: Tensor,
+        temperature: float,
+        num_valid: int,
+    ) -> None:
         """out = weight * dKL/dz given the full-vocabulary ``maxima`` [2, C] and ``sums`` [3, C]."""
         x, y = VocabParallelKernels.finite_logits(student, teacher, temperature, num_valid)
         e, d, _ = VocabParallelKernels._terms(x, y, maxima)
@@ -179,9 +203,13 @@ class VocabParallelKernels:
 
     @staticmethod
     def reverse_kl_chunk(
-        out: Optional[Tensor], student: Tensor, teacher: Tensor, weight: Tensor, temperature: float,
+        out: Tensor | None,
+        student: Tensor,
+        teacher: Tensor,
+        weight: Tensor,
+        temperature: float,
         num_valid: int,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         """All of a chunk when this rank holds the whole vocabulary (TP = 1), in one call (one graph,
         compiled): the sums [3, C], and weight * dKL/dz into ``out`` unless it is None."""
         K = VocabParallelKernels
@@ -233,8 +261,8 @@ class _CompiledOrEager:
         return self.fn(*args)
 
 
-@functools.lru_cache(maxsize=None)
-def kernel(fn: Callable, terms: Optional[Terms], use_compile: bool) -> Callable:
+@functools.cache
+def kernel(fn: Callable, terms: Terms | None, use_compile: bool) -> Callable:
     """A kernel with its divergence bound, compiled (built once per process) or eager."""
     bound = fn if terms is None else functools.partial(fn, terms=terms)
     return _CompiledOrEager(bound) if use_compile else bound

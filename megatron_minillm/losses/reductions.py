@@ -6,7 +6,6 @@ is the trainer's business (e.g. reduction="sum" divided by a global token count)
 
 from typing import Literal, get_args
 
-import torch
 from torch import Tensor
 
 Reduction = Literal["none", "sum", "per_sequence_sum", "per_sequence_mean", "token_mean", "sequence_mean"]

@@ -12,8 +12,8 @@ The reverse KL of fp32 CPU logits at TP=1 skips the chunks: ``cpu_kernels`` does
 Only the tokens selected by the loss mask are computed; the others get 0 and a zero gradient.
 """
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ COMPILED_CHUNK_ELEMENTS = 1 << 21
 class KernelOptions:
     """How the kernels run; results do not depend on it (beyond fp rounding)."""
 
-    chunk_tokens: Optional[int] = None  # tokens per chunk; default: (COMPILED_)CHUNK_ELEMENTS // (V/TP)
+    chunk_tokens: int | None = None  # tokens per chunk; default: (COMPILED_)CHUNK_ELEMENTS // (V/TP)
     # torch.compile the chunk kernels: ~2x faster, at a one-time compile per process and kernel (seconds).
     compiled: bool = False
     # The hand-written reverse KL for fp32 CPU logits at TP=1 (cpu_kernels.py): ~10x the eager speed,
@@ -54,7 +54,7 @@ class KernelOptions:
 class LossPlan:
     """One loss: a divergence (``terms``) to the teacher, or log q of target ids (``terms`` None)."""
 
-    terms: Optional[Terms]
+    terms: Terms | None
     temperature: float
     num_valid: int  # columns of this rank's slice below the true vocabulary size
     coef: float = 0.0  # lambda / beta of the divergence
@@ -69,7 +69,7 @@ class LossPlan:
     def uses_other(self) -> bool:
         return self.terms is None or self.needs_teacher
 
-    def kernel(self, fn: Callable, terms: Optional[Terms] = None) -> Callable:
+    def kernel(self, fn: Callable, terms: Terms | None = None) -> Callable:
         return kernel(fn, terms, self.options.compiled)
 
 
@@ -92,7 +92,7 @@ def global_log_normalizer(stats: Tensor) -> Tensor:
     return log_normalizer(global_max, total)
 
 
-def _divergence_chunk(z: Tensor, o: Optional[Tensor], out: Optional[Tensor], weight: Tensor, plan: LossPlan) -> Tensor:
+def _divergence_chunk(z: Tensor, o: Tensor | None, out: Tensor | None, weight: Tensor, plan: LossPlan) -> Tensor:
     """Any divergence or target log-probability of one chunk: values [C]; their gradients times
     ``weight`` [C] into ``out``."""
     T, nv = plan.temperature, plan.num_valid
@@ -113,7 +113,7 @@ def _divergence_chunk(z: Tensor, o: Optional[Tensor], out: Optional[Tensor], wei
     return partials[0]
 
 
-def _reverse_kl_chunk(z: Tensor, t: Tensor, out: Optional[Tensor], weight: Tensor, plan: LossPlan) -> Tensor:
+def _reverse_kl_chunk(z: Tensor, t: Tensor, out: Tensor | None, weight: Tensor, plan: LossPlan) -> Tensor:
     """The reverse KL of one chunk (two exponentials per logit at TP = 1): values [C]; their gradients
     times ``weight`` [C] into ``out``. Only [2, C] maxima and [3, C] sums cross TP ranks."""
     T, nv = plan.temperature, plan.num_valid
@@ -149,7 +149,7 @@ class _Chunks:
 
 
 def vocab_parallel_forward(
-    student: Tensor, other: Tensor, rows: Tensor, weights: Tensor, plan: LossPlan, grad: Optional[Tensor]
+    student: Tensor, other: Tensor, rows: Tensor, weights: Tensor, plan: LossPlan, grad: Tensor | None
 ) -> Tensor:
     """The loss of each selected row [n]; with ``grad`` [tokens, V/TP], also writes weights_i * d loss_i /
     d student_i into its selected rows (the others are left as they are)."""
@@ -180,8 +180,12 @@ def vocab_parallel_forward(
 def _use_cpu_kernel(plan: LossPlan, student: Tensor, other: Tensor) -> bool:
     """The hand-written kernel serves reverse KLs of fp32 CPU logits when one rank holds the whole
     vocabulary (with TP > 1 the per-token statistics must cross ranks between its passes)."""
-    return (plan.terms is reverse_kl_terms and plan.options.cpu_kernel and cpu_kernels.supports(student, other)
-            and parallel_state.get_tensor_model_parallel_world_size() == 1)  # fmt: skip
+    return (
+        plan.terms is reverse_kl_terms
+        and plan.options.cpu_kernel
+        and cpu_kernels.supports(student, other)
+        and parallel_state.get_tensor_model_parallel_world_size() == 1
+    )
 
 
 class _VocabParallelLossFunction(torch.autograd.Function):
@@ -193,9 +197,15 @@ class _VocabParallelLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, student: Tensor, other: Tensor, rows: Tensor, weights: Tensor, plan: LossPlan, needs_grad: bool,
+        ctx,
+        student: Tensor,
+        other: Tensor,
+        rows: Tensor,
+        weights: Tensor,
+        plan: LossPlan,
+        needs_grad: bool,
         reduce: bool,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         grad = _gradient_buffer(student, rows) if needs_grad else None
         if needs_grad:
             ctx.save_for_backward(student, other, rows, weights)
@@ -204,7 +214,7 @@ class _VocabParallelLossFunction(torch.autograd.Function):
         return (values * weights).sum() if reduce else values
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None, None]:
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
         student, other, rows, weights = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # dropped here, so that autograd may take it as the .grad
         if grad is None:
@@ -219,7 +229,7 @@ class _VocabParallelLossFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def _scale_rows(grad: Tensor, scale: Tensor, chunk_tokens: Optional[int]) -> None:
+def _scale_rows(grad: Tensor, scale: Tensor, chunk_tokens: int | None) -> None:
     """grad[i] *= scale[i] in place, for a gradient [tokens, V/TP] and per-token scales [tokens].
 
     The scales of bf16/fp16 logits are fp32 (the losses' dtype), and on CPU an in-place product with a
@@ -241,7 +251,7 @@ def _gradient_buffer(student: Tensor, rows: Tensor) -> Tensor:
     return torch.empty_like(student) if len(rows) == student.shape[0] else torch.zeros_like(student)
 
 
-def _vocab_slice(vocab_shard: int, vocab_size: Optional[int]) -> tuple[int, int]:
+def _vocab_slice(vocab_shard: int, vocab_size: int | None) -> tuple[int, int]:
     """This rank's first vocabulary id and its number of columns below ``vocab_size``."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
@@ -250,16 +260,25 @@ def _vocab_slice(vocab_shard: int, vocab_size: Optional[int]) -> tuple[int, int]
     if vocab_size is None:
         return start, vocab_shard
     if not 1 <= vocab_size <= vocab_shard * tp:
-        raise ValueError(f"vocab_size {vocab_size} must be in [1, {vocab_shard * tp}] "
-                         f"(V/TP = {vocab_shard}, TP = {tp})")  # fmt: skip
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in [1, {vocab_shard * tp}] (V/TP = {vocab_shard}, TP = {tp})"
+        )
     return start, min(max(vocab_size - start, 0), vocab_shard)
 
 
 def vocab_parallel_loss(
-    student_logits: Tensor, other: Tensor, loss_mask: Optional[Tensor], *, terms: Optional[Terms],
-    temperature: float, vocab_size: Optional[int], reduction: Reduction, coef: float = 0.0,
-    needs_teacher: bool = True, options: KernelOptions = KernelOptions(),
-) -> Tensor:  # fmt: skip
+    student_logits: Tensor,
+    other: Tensor,
+    loss_mask: Tensor | None,
+    *,
+    terms: Terms | None,
+    temperature: float,
+    vocab_size: int | None,
+    reduction: Reduction,
+    coef: float = 0.0,
+    needs_teacher: bool = True,
+    options: KernelOptions = KernelOptions(),
+) -> Tensor:
     """The ``reduction`` of the per-token loss (0 where masked) of vocab-parallel ``student_logits``
     [b, s, V/TP].
 
@@ -267,16 +286,20 @@ def vocab_parallel_loss(
     when ``terms`` is None (token log-probabilities). Only [tokens] statistics cross TP ranks.
     """
     if student_logits.dim() != 3 or not student_logits.is_floating_point():
-        raise ValueError(f"student logits must be a float [b, s, V/TP] tensor, got {student_logits.dtype} "
-                         f"{tuple(student_logits.shape)}")  # fmt: skip
+        raise ValueError(
+            f"student logits must be a float [b, s, V/TP] tensor, got {student_logits.dtype} "
+            f"{tuple(student_logits.shape)}"
+        )
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     batch, seq, vocab_shard = student_logits.shape
     if loss_mask is None:
         loss_mask = torch.ones(batch, seq, dtype=torch.bool, device=student_logits.device)
     if tuple(loss_mask.shape) != (batch, seq):
-        raise ValueError(f"loss mask {tuple(loss_mask.shape)} must be [b, s] = {(batch, seq)} of the logits "
-                         f"{tuple(student_logits.shape)}")  # fmt: skip
+        raise ValueError(
+            f"loss mask {tuple(loss_mask.shape)} must be [b, s] = {(batch, seq)} of the logits "
+            f"{tuple(student_logits.shape)}"
+        )
     start, num_valid = _vocab_slice(vocab_shard, vocab_size)
     rows = loss_mask.reshape(-1).nonzero()[:, 0]
     if terms is None:
@@ -288,21 +311,24 @@ def vocab_parallel_loss(
     weights = token_weights(mask, reduction).reshape(-1)[rows] if reduce else mask.new_ones(len(rows))
     plan = LossPlan(terms, float(temperature), num_valid, coef, needs_teacher, options)
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    values = _VocabParallelLossFunction.apply(student_logits.reshape(-1, vocab_shard), other.detach(), rows,
-                                              weights, plan, needs_grad, reduce)  # fmt: skip
+    values = _VocabParallelLossFunction.apply(
+        student_logits.reshape(-1, vocab_shard), other.detach(), rows, weights, plan, needs_grad, reduce
+    )
     if reduce:
         return values
     per_token = values.new_zeros(batch * seq).index_copy(0, rows, values).view(batch, seq)
     return reduce_tokens(per_token, mask, reduction)
 
 
-def _local_targets(ids: Tensor, rows: Tensor, start: int, vocab_shard: int, vocab_size: Optional[int]) -> Tensor:
+def _local_targets(ids: Tensor, rows: Tensor, start: int, vocab_shard: int, vocab_size: int | None) -> Tensor:
     """Target ids [b, s] -> their column in this rank's slice [tokens], -1 where another rank has it."""
     ids = ids.reshape(-1)
     selected = ids[rows]
     limit = vocab_shard * parallel_state.get_tensor_model_parallel_world_size() if vocab_size is None else vocab_size
     if len(selected) and (selected.min() < 0 or selected.max() >= limit):
-        raise ValueError(f"target ids at unmasked positions must be in [0, {limit}), got "
-                         f"[{selected.min().item()}, {selected.max().item()}]")  # fmt: skip
+        raise ValueError(
+            f"target ids at unmasked positions must be in [0, {limit}), got "
+            f"[{selected.min().item()}, {selected.max().item()}]"
+        )
     local = ids - start
     return torch.where((local >= 0) & (local < vocab_shard), local, -1)

@@ -9,7 +9,6 @@ transformers). The constructor (scales, heads per TP rank) is megatron's; only t
 """
 
 from contextlib import nullcontext
-from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -23,10 +22,15 @@ class SDPADotProductAttention(DotProductAttention):
     """DotProductAttention with SDPA math; same inputs ([s, b, heads, dim]) and output [s, b, hp]."""
 
     def forward(
-        self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
-    ) -> Tensor:  # fmt: skip
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> Tensor:
         if packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None:
             raise NotImplementedError("SDPA core attention takes no packed sequences, bias or softmax offset")
         if self.config.window_size is not None:
@@ -40,6 +44,14 @@ class SDPADotProductAttention(DotProductAttention):
         dropout = self.config.attention_dropout if self.training else 0.0
         # As megatron: dropout draws from the TP-aware RNG stream unless activations are sequence-parallel.
         with get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel else nullcontext():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-                                                 dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1])  # fmt: skip
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal,
+                scale=self.softmax_scale,
+                dropout_p=dropout,
+                enable_gqa=k.shape[1] != q.shape[1],
+            )
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)

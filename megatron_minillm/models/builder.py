@@ -6,7 +6,7 @@ groups of ``parallel_state``.
 
 import math
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +57,7 @@ def check_layout(arch: Architecture, tp: int, pp: int) -> None:
     if arch.num_attention_heads % tp:
         raise LayoutError(f"TP={tp} does not divide the {arch.num_attention_heads} attention heads")
     if arch.num_query_groups % tp:
-        raise LayoutError(
-            f"TP={tp} does not divide the {arch.num_query_groups} key/value heads (query groups)"
-        )
+        raise LayoutError(f"TP={tp} does not divide the {arch.num_query_groups} key/value heads (query groups)")
     if arch.ffn_hidden_size % tp:
         raise LayoutError(f"TP={tp} does not divide the FFN size {arch.ffn_hidden_size}")
     if arch.num_layers % pp:
@@ -107,8 +105,10 @@ def transformer_config(arch: Architecture, dtype: str = "fp32", **overrides: Any
     kwargs.update(overrides)
     if kwargs.get("sequence_parallel"):
         # models/logits.py picks output positions from the full [s, b, h] sequence of the last stage.
-        raise LayoutError("sequence_parallel=True is not supported: the output layer runs at positions picked "
-                          "from the full sequence (models/logits.py)")
+        raise LayoutError(
+            "sequence_parallel=True is not supported: the output layer runs at positions picked "
+            "from the full sequence (models/logits.py)"
+        )
     return TransformerConfig(**kwargs)
 
 
@@ -160,8 +160,8 @@ def build_model(
     arch: Architecture,
     dtype: str = "fp32",
     make_vocab_size_divisible_by: int = 128,
-    padded_vocab: Optional[int] = None,
-    config: Optional[TransformerConfig] = None,
+    padded_vocab: int | None = None,
+    config: TransformerConfig | None = None,
     **config_overrides: Any,
 ) -> GPTModel:
     """Build this rank's stage of ``arch`` (its layers and, on first/last stage, embeddings/head).
@@ -194,9 +194,7 @@ def build_model(
     if arch.position_offset and model.pre_process:
         # OPT keeps its learned positions at rows offset.. (rows 0..1 are unused): keeping the whole
         # table makes conversion bit-exact, and callers still pass positions starting at 0.
-        model.embedding.register_forward_pre_hook(
-            partial(_shift_positions, arch.position_offset), with_kwargs=True
-        )
+        model.embedding.register_forward_pre_hook(partial(_shift_positions, arch.position_offset), with_kwargs=True)
     _mark_tensor_parallel_weights(model)
     if config.params_dtype != torch.float32:
         # What megatron's Float16Module does to its module: norms too, so every matmul sees one

@@ -7,7 +7,7 @@ Supported families: LLaMA-style (llama, mistral, qwen2), OPT, GPT-2.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class UnsupportedModelError(ValueError):
@@ -39,12 +39,12 @@ class Architecture:
     add_qkv_bias: bool
     position_embedding_type: str  # "rope" | "learned_absolute"
     rotary_base: float = 10000.0
-    rope_scaling: Optional[dict] = None  # HF rope_scaling dict (llama3 or linear), None = plain RoPE
+    rope_scaling: dict | None = None  # HF rope_scaling dict (llama3 or linear), None = plain RoPE
     tie_word_embeddings: bool = False
     position_offset: int = 0  # OPT's learned positions start at row 2 (rows 0..1 unused)
 
 
-def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
+def _rope(cfg: dict) -> tuple[float, dict | None]:
     """RoPE base and scaling from either the transformers<5 or the transformers>=5 config layout."""
     params = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or params or None
@@ -199,4 +199,3 @@ def load_architecture(path: str | Path) -> Architecture:
         raise FileNotFoundError(f"no Hugging Face config.json at {path}")
     with open(path) as f:
         return architecture_from_dict(json.load(f))
-

@@ -7,8 +7,8 @@ logits, with their gradient). So the last pipeline stage runs the decoder, picks
 applies the output layer itself on this rank's vocabulary slice.
 """
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -36,8 +36,9 @@ def output_logits(model: GPTModel, hidden: Tensor) -> Tensor:
     return logits
 
 
-def logits_at(model: torch.nn.Module, tokens: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
-              positions: Tensor) -> Tensor:  # fmt: skip
+def logits_at(
+    model: torch.nn.Module, tokens: Tensor, position_ids: Tensor, attention_mask: Tensor | None, positions: Tensor
+) -> Tensor:
     """The model's vocab-parallel logits at ``positions`` [n] (flat indices into [b, s], row-major),
     as [1, n, V/TP]: the same values as ``model(...)`` [b, s, V/TP] there, in that order.
 

@@ -12,8 +12,7 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Smallest multiple of ``divisible_by * tp`` that holds ``vocab_size`` (Megatron-LM's rule)."""
     if vocab_size < 1 or tp < 1 or divisible_by < 1:
         raise ValueError(
-            f"vocab size ({vocab_size}), TP ({tp}) and make_vocab_size_divisible_by "
-            f"({divisible_by}) must all be >= 1"
+            f"vocab size ({vocab_size}), TP ({tp}) and make_vocab_size_divisible_by ({divisible_by}) must all be >= 1"
         )
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple

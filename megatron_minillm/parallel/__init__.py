@@ -9,5 +9,11 @@ from megatron_minillm.parallel.initialize import (
     set_random_seed,
 )
 
-__all__ = ["LayoutError", "ParallelLayout", "cli_exit_status", "destroy_distributed", "init_distributed",
-           "set_random_seed"]
+__all__ = [
+    "LayoutError",
+    "ParallelLayout",
+    "cli_exit_status",
+    "destroy_distributed",
+    "init_distributed",
+    "set_random_seed",
+]

@@ -12,8 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, MutableMapping
 
 import numpy as np
 import torch

@@ -13,5 +13,15 @@ from megatron_minillm.planning.memory import (
     suggest_layouts,
 )
 
-__all__ = ["KNOWN_MODELS", "Layout", "MemoryBreakdown", "PlanConfig", "PlanError", "format_breakdown", "plan_memory", "resolve_model",
-           "stage_parameters", "suggest_layouts"]
+__all__ = [
+    "KNOWN_MODELS",
+    "Layout",
+    "MemoryBreakdown",
+    "PlanConfig",
+    "PlanError",
+    "format_breakdown",
+    "plan_memory",
+    "resolve_model",
+    "stage_parameters",
+    "suggest_layouts",
+]

@@ -21,9 +21,9 @@ in flight under 1F1B and the embedding, the last the output layer, logits and th
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_minillm.models import Architecture, architecture_from_dict, check_layout, load_architecture
 from megatron_minillm.models.hf_config import UnsupportedModelError
@@ -40,35 +40,123 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # Public Hugging Face config.json values (only the fields the architecture reader uses).
 KNOWN_MODELS: dict[str, dict] = {
-    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024,
-                 activation_function="gelu_new", layer_norm_epsilon=1e-5),
-    "gpt2-medium": dict(model_type="gpt2", n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, n_positions=1024,
-                        activation_function="gelu_new", layer_norm_epsilon=1e-5),
-    "gpt2-large": dict(model_type="gpt2", n_embd=1280, n_layer=36, n_head=20, vocab_size=50257, n_positions=1024,
-                       activation_function="gelu_new", layer_norm_epsilon=1e-5),
-    "gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, vocab_size=50257, n_positions=1024,
-                    activation_function="gelu_new", layer_norm_epsilon=1e-5),
-    "opt-1.3b": dict(model_type="opt", hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
-                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048,
-                     do_layer_norm_before=True, activation_function="relu", tie_word_embeddings=True),
-    "opt-13b": dict(model_type="opt", hidden_size=5120, ffn_dim=20480, num_hidden_layers=40, num_attention_heads=40,
-                    vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=5120,
-                    do_layer_norm_before=True, activation_function="relu", tie_word_embeddings=True),
+    "gpt2": dict(
+        model_type="gpt2",
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        vocab_size=50257,
+        n_positions=1024,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+    ),
+    "gpt2-medium": dict(
+        model_type="gpt2",
+        n_embd=1024,
+        n_layer=24,
+        n_head=16,
+        vocab_size=50257,
+        n_positions=1024,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+    ),
+    "gpt2-large": dict(
+        model_type="gpt2",
+        n_embd=1280,
+        n_layer=36,
+        n_head=20,
+        vocab_size=50257,
+        n_positions=1024,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+    ),
+    "gpt2-xl": dict(
+        model_type="gpt2",
+        n_embd=1600,
+        n_layer=48,
+        n_head=25,
+        vocab_size=50257,
+        n_positions=1024,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+    ),
+    "opt-1.3b": dict(
+        model_type="opt",
+        hidden_size=2048,
+        ffn_dim=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=2048,
+        do_layer_norm_before=True,
+        activation_function="relu",
+        tie_word_embeddings=True,
+    ),
+    "opt-13b": dict(
+        model_type="opt",
+        hidden_size=5120,
+        ffn_dim=20480,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=5120,
+        do_layer_norm_before=True,
+        activation_function="relu",
+        tie_word_embeddings=True,
+    ),
     # LLaMA-2 (meta-llama/Llama-2-*-hf)
-    "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                     rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-                         tie_word_embeddings=True),
-}  # fmt: skip
+    "llama-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "llama-13b": dict(
+        model_type="llama",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "llama-70b": dict(
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+}
 
 
 class PlanError(ValueError):
@@ -83,19 +171,33 @@ def resolve_model(spec: str) -> Architecture:
     path = Path(spec)
     if path.is_dir() or path.is_file():
         return load_architecture(path)
-    raise PlanError(f"{spec!r} is neither a known model name nor an HF model directory/config.json; "
-                    f"known names: {', '.join(KNOWN_MODELS)}")  # fmt: skip
+    raise PlanError(
+        f"{spec!r} is neither a known model name nor an HF model directory/config.json; "
+        f"known names: {', '.join(KNOWN_MODELS)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # parameters
 
 
-def stage_tensors(arch: Architecture, tp: int, pp: int, stage: int, make_vocab_size_divisible_by: int = 128,
-                  padded_vocab: Optional[int] = None) -> list[tuple[str, int]]:  # fmt: skip
+def stage_tensors(
+    arch: Architecture,
+    tp: int,
+    pp: int,
+    stage: int,
+    make_vocab_size_divisible_by: int = 128,
+    padded_vocab: int | None = None,
+) -> list[tuple[str, int]]:
     """(name, numel) of every parameter one TP rank of pipeline ``stage`` holds, in the order of
     ``model.parameters()`` of megatron's GPTModel with the local layer spec."""
-    h, a, g, d, f = arch.hidden_size, arch.num_attention_heads, arch.num_query_groups, arch.kv_channels, arch.ffn_hidden_size
+    h, a, g, d, f = (
+        arch.hidden_size,
+        arch.num_attention_heads,
+        arch.num_query_groups,
+        arch.kv_channels,
+        arch.ffn_hidden_size,
+    )
     vocab = padded_vocab or padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
     layer_norm = arch.normalization == "LayerNorm"
     bias = arch.add_bias_linear
@@ -123,8 +225,14 @@ def stage_tensors(arch: Architecture, tp: int, pp: int, stage: int, make_vocab_s
     return out
 
 
-def stage_parameters(arch: Architecture, tp: int, pp: int, stage: int, make_vocab_size_divisible_by: int = 128,
-                     padded_vocab: Optional[int] = None) -> dict[str, int]:  # fmt: skip
+def stage_parameters(
+    arch: Architecture,
+    tp: int,
+    pp: int,
+    stage: int,
+    make_vocab_size_divisible_by: int = 128,
+    padded_vocab: int | None = None,
+) -> dict[str, int]:
     """Element counts of the parameters one TP rank of pipeline ``stage`` holds, summed by kind
     (``layers.*`` over this stage's layers)."""
     out: dict[str, int] = {}
@@ -133,8 +241,15 @@ def stage_parameters(arch: Architecture, tp: int, pp: int, stage: int, make_voca
     return out
 
 
-def grad_buffer_numel(arch: Architecture, tp: int, pp: int, stage: int, dp: int, distributed_optimizer: bool,
-                      make_vocab_size_divisible_by: int = 128) -> int:  # fmt: skip
+def grad_buffer_numel(
+    arch: Architecture,
+    tp: int,
+    pp: int,
+    stage: int,
+    dp: int,
+    distributed_optimizer: bool,
+    make_vocab_size_divisible_by: int = 128,
+) -> int:
     """Elements of megatron DDP's gradient buffer (``param_and_grad_buffer``, one bucket: no overlapped
     reduce): parameters in reverse order; with the distributed optimizer each starts at a multiple of
     64 elements, each bucket ends at a multiple of lcm(DP, 128), and a tied embedding shared across
@@ -192,8 +307,15 @@ class PlanConfig:
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp", "micro_batch_size", "global_batch_size", "rollout_batch_size",
-                     "rollout_micro_batch_size"):  # fmt: skip
+        for name in (
+            "tp",
+            "pp",
+            "dp",
+            "micro_batch_size",
+            "global_batch_size",
+            "rollout_batch_size",
+            "rollout_micro_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.max_prompt_length < self.max_length:
@@ -241,7 +363,13 @@ def _layer_saved_bytes(arch: Architecture, tokens: int, seq: int, tp: int, nbyte
     (f, megatron adds ``glu_linear_offset``) and the product (fc2's input, f); ReLU: one f
     (relu saves its result, which is fc2's input); GELU: two (its input and fc2's input).
     """
-    h, a, g, d, f = arch.hidden_size, arch.num_attention_heads, arch.num_query_groups, arch.kv_channels, arch.ffn_hidden_size
+    h, a, g, d, f = (
+        arch.hidden_size,
+        arch.num_attention_heads,
+        arch.num_query_groups,
+        arch.kv_channels,
+        arch.ffn_hidden_size,
+    )
     rope = arch.position_embedding_type == "rope"
     if arch.normalization == "LayerNorm":
         norm = nbytes * h + 8
@@ -281,19 +409,24 @@ def _logit_positions(cfg: PlanConfig, kind: str) -> int:
     return cfg.max_length
 
 
-def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg: PlanConfig,
-                     stage: int) -> MemoryBreakdown:  # fmt: skip
+def _stage_breakdown(
+    teacher: Architecture | None, student: Architecture, cfg: PlanConfig, stage: int
+) -> MemoryBreakdown:
     tp, pp, dp, B = cfg.tp, cfg.pp, cfg.dp, DTYPE_BYTES[cfg.dtype]
-    first, last = stage == 0, stage == pp - 1
+    last = stage == pp - 1
     cache_B = DTYPE_BYTES[cfg.teacher_cache_dtype]
     minillm = cfg.algorithm == "minillm"
     notes: list[str] = []
 
     s_params = stage_parameters(student, tp, pp, stage, cfg.make_vocab_size_divisible_by)
     n_student = sum(s_params.values())
-    n_teacher = sum(stage_parameters(teacher, tp, pp, stage, cfg.make_vocab_size_divisible_by).values()) if teacher else 0
+    n_teacher = (
+        sum(stage_parameters(teacher, tp, pp, stage, cfg.make_vocab_size_divisible_by).values()) if teacher else 0
+    )
     layers_s = student.num_layers // pp
-    n_buffer = grad_buffer_numel(student, tp, pp, stage, dp, cfg.distributed_optimizer, cfg.make_vocab_size_divisible_by)
+    n_buffer = grad_buffer_numel(
+        student, tp, pp, stage, dp, cfg.distributed_optimizer, cfg.make_vocab_size_divisible_by
+    )
     opt_shard = n_buffer / dp if cfg.distributed_optimizer else n_buffer
     optimizer_bytes_per = 8 + (4 if B < 4 else 0)  # Adam moments (+ fp32 main params for bf16)
 
@@ -339,7 +472,9 @@ def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg
         recompute_layer = 0.0
     if not last:  # the stage output stays referenced by the schedule until its backward
         per_micro += B * tokens * student.hidden_size
-    final_norm = (B * student.hidden_size + 8) if student.normalization == "LayerNorm" else (8 * student.hidden_size + 4)
+    final_norm = (
+        (B * student.hidden_size + 8) if student.normalization == "LayerNorm" else (8 * student.hidden_size + 4)
+    )
     if last:  # final norm + output layer input
         per_micro += tokens * (final_norm + B * student.hidden_size)
     activations = in_flight * per_micro + recompute_layer
@@ -415,7 +550,7 @@ def _stage_breakdown(teacher: Optional[Architecture], student: Architecture, cfg
     return MemoryBreakdown(stage=stage, terms=terms, phases=phases, notes=notes)
 
 
-def plan_memory(teacher: Optional[Architecture], student: Architecture, cfg: PlanConfig) -> list[MemoryBreakdown]:
+def plan_memory(teacher: Architecture | None, student: Architecture, cfg: PlanConfig) -> list[MemoryBreakdown]:
     """Breakdowns of the first and the last pipeline stage (one if PP = 1), worst first.
 
     Raises :class:`~megatron_minillm.parallel.LayoutError` when TP/PP do not divide a model.
@@ -428,8 +563,10 @@ def plan_memory(teacher: Optional[Architecture], student: Architecture, cfg: Pla
         except LayoutError as err:
             raise LayoutError(f"{name}: {err}") from None
     if cfg.global_batch_size % (cfg.micro_batch_size * cfg.dp):
-        raise PlanError(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x DP = "
-                        f"{cfg.micro_batch_size} x {cfg.dp}")  # fmt: skip
+        raise PlanError(
+            f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x DP = "
+            f"{cfg.micro_batch_size} x {cfg.dp}"
+        )
     stages = sorted({0, cfg.pp - 1})
     out = [_stage_breakdown(teacher, student, cfg, s) for s in stages]
     return sorted(out, key=lambda b: -b.peak)
@@ -453,9 +590,17 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def suggest_layouts(teacher: Optional[Architecture], student: Architecture, cfg: PlanConfig, *, nodes: int,
-                    gpus_per_node: int, gpu_memory_bytes: float, headroom: float = 0.9,
-                    include_unfit: bool = False) -> list[Layout]:  # fmt: skip
+def suggest_layouts(
+    teacher: Architecture | None,
+    student: Architecture,
+    cfg: PlanConfig,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_memory_bytes: float,
+    headroom: float = 0.9,
+    include_unfit: bool = False,
+) -> list[Layout]:
     """Layouts TP x PP x DP of ``nodes`` x ``gpus_per_node`` GPUs whose peak fits in ``headroom`` x
     the GPU memory, best first: smallest TP x PP (most data parallelism), then fewer pipeline stages
     (TP stays within a node: TP divides ``gpus_per_node``), then lower peak.
@@ -478,10 +623,10 @@ def suggest_layouts(teacher: Optional[Architecture], student: Architecture, cfg:
             fits = peak.peak <= headroom * gpu_memory_bytes
             if fits or include_unfit:
                 found.append(Layout(tp, pp, dp, peak.peak, peak.peak_phase, fits))
-    return sorted(found, key=lambda l: (not l.fits, l.tp * l.pp, l.pp, l.peak_bytes))
+    return sorted(found, key=lambda x: (not x.fits, x.tp * x.pp, x.pp, x.peak_bytes))
 
 
-def format_breakdown(breakdowns: Sequence[MemoryBreakdown], gpu_memory_bytes: Optional[float] = None) -> str:
+def format_breakdown(breakdowns: Sequence[MemoryBreakdown], gpu_memory_bytes: float | None = None) -> str:
     """A table of every term and phase (GiB) per reported stage."""
     names = list(breakdowns[0].terms)
     header = f"{'GiB per GPU':38s}" + "".join(f"{'stage ' + str(b.stage):>12s}" for b in breakdowns)
@@ -493,11 +638,26 @@ def format_breakdown(breakdowns: Sequence[MemoryBreakdown], gpu_memory_bytes: Op
         lines.append(f"  {phase:36s}" + "".join(f"{b.phases[phase] / GiB:12.3f}" for b in breakdowns))
     lines.append(f"{'peak':38s}" + "".join(f"{b.peak / GiB:12.3f}" for b in breakdowns))
     if gpu_memory_bytes:
-        lines.append(f"{'of GPU memory':38s}" + "".join(f"{100 * b.peak / gpu_memory_bytes:11.0f}%" for b in breakdowns))
+        lines.append(
+            f"{'of GPU memory':38s}" + "".join(f"{100 * b.peak / gpu_memory_bytes:11.0f}%" for b in breakdowns)
+        )
     for b in breakdowns:
         lines += b.notes
     return "\n".join(lines)
 
 
-__all__ = ["KNOWN_MODELS", "Layout", "MemoryBreakdown", "PlanConfig", "PlanError", "format_breakdown", "plan_memory",
-           "resolve_model", "stage_parameters", "stage_tensors", "grad_buffer_numel", "suggest_layouts", "UnsupportedModelError"]
+__all__ = [
+    "KNOWN_MODELS",
+    "Layout",
+    "MemoryBreakdown",
+    "PlanConfig",
+    "PlanError",
+    "format_breakdown",
+    "plan_memory",
+    "resolve_model",
+    "stage_parameters",
+    "stage_tensors",
+    "grad_buffer_numel",
+    "suggest_layouts",
+    "UnsupportedModelError",
+]

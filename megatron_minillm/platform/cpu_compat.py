@@ -17,8 +17,9 @@ import importlib
 import logging
 import sys
 import types
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -26,10 +27,25 @@ _CPU = torch.device("cpu")
 
 # Tensor factories that megatron-core calls with a CUDA device.
 _FACTORIES = (
-    "arange", "as_tensor", "empty", "empty_like", "empty_strided", "eye", "full", "full_like",
-    "linspace", "ones", "ones_like", "rand", "randint", "randn", "randperm", "tensor", "zeros",
+    "arange",
+    "as_tensor",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "eye",
+    "full",
+    "full_like",
+    "linspace",
+    "ones",
+    "ones_like",
+    "rand",
+    "randint",
+    "randn",
+    "randperm",
+    "tensor",
+    "zeros",
     "zeros_like",
-)  # fmt: skip
+)
 
 _applied = False
 

@@ -36,8 +36,9 @@ def setup_platform(local_rank: int = 0) -> torch.device:
     # ShardedTensor, ...): a FutureWarning per call and rank, on GPU and CPU alike, none about our code.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed|megatron\.core)\.")
     # megatron's zero_grad reads `.grad` of the distributed optimizer's shard views (non-leaf by design).
-    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf",
-                            module=r"megatron\.core\.")  # fmt: skip
+    warnings.filterwarnings(
+        "ignore", message="The .grad attribute of a Tensor that is not a leaf", module=r"megatron\.core\."
+    )
     if is_cuda():
         torch.cuda.set_device(local_rank)
     else:

@@ -7,8 +7,8 @@ broadcasts them to the other stages; the per-token log-probabilities stay on the
 the end, when they are broadcast once.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,20 +41,20 @@ class Rollout:
     tokens: Tensor  # [b, T] int64, ``pad_id`` after a sequence ended
     mask: Tensor  # [b, T] bool: generated tokens, the stop token included
     log_q: Tensor  # [b, T] float32
-    log_p: Optional[Tensor]
+    log_p: Tensor | None
     log_mix: Tensor
 
     def responses(self) -> list[list[int]]:
         return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
 
 
-def unpad(tokens: Tensor, attention_mask: Tensor) -> list[list[int]]:
-    """Prompts as id lists from a left- or right-padded batch [b, s] and its 0/1 attention mask."""
-    return [row[m.bool()].tolist() for row, m in zip(tokens, attention_mask)]
-
-
-def _check_inputs(prompts: Sequence[Sequence[int]], seeds: Tensor, params: SamplingParams,
-                  models: list[KVCacheDecoder], vocab_size: int) -> None:  # fmt: skip
+def _check_inputs(
+    prompts: Sequence[Sequence[int]],
+    seeds: Tensor,
+    params: SamplingParams,
+    models: list[KVCacheDecoder],
+    vocab_size: int,
+) -> None:
     if not prompts:
         raise GenerationError("no prompts to generate from")
     if any(len(p) == 0 for p in prompts):
@@ -83,9 +83,15 @@ def _check_inputs(prompts: Sequence[Sequence[int]], seeds: Tensor, params: Sampl
 
 @torch.no_grad()
 def generate(
-    model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Tensor, *,
-    vocab_size: int, teacher: Optional[torch.nn.Module] = None, pad_id: int = 0,
-) -> Rollout:  # fmt: skip
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    seeds: Tensor,
+    *,
+    vocab_size: int,
+    teacher: torch.nn.Module | None = None,
+    pad_id: int = 0,
+) -> Rollout:
     """Sample up to ``params.max_new_tokens`` tokens after each prompt (lists of token ids).
 
     ``seeds`` [b] are per-sample seeds (see :func:`noise.sample_seeds`): a sample's tokens depend
@@ -99,15 +105,22 @@ def generate(
     for m in modules:
         m.eval()
     try:
-        return _generate(modules, [list(map(int, p)) for p in prompts], params, seeds.to(torch.int64),
-                         vocab_size, pad_id)  # fmt: skip
+        return _generate(
+            modules, [list(map(int, p)) for p in prompts], params, seeds.to(torch.int64), vocab_size, pad_id
+        )
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
 
 
-def _generate(modules: list[torch.nn.Module], prompts: list[list[int]], params: SamplingParams, seeds: Tensor,
-              vocab_size: int, pad_id: int) -> Rollout:  # fmt: skip
+def _generate(
+    modules: list[torch.nn.Module],
+    prompts: list[list[int]],
+    params: SamplingParams,
+    seeds: Tensor,
+    vocab_size: int,
+    pad_id: int,
+) -> Rollout:
     batch, width = len(prompts), max(map(len, prompts), default=0)
     decoders = [KVCacheDecoder(m, batch, width + params.max_new_tokens) for m in modules]
     _check_inputs(prompts, seeds, params, decoders, vocab_size)
@@ -175,15 +188,22 @@ class Sample:
 
     tokens: list[int]
     log_q: list[float]
-    log_p: Optional[list[float]]
+    log_p: list[float] | None
     log_mix: list[float]
 
 
 def generate_all(
-    model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int, *,
-    vocab_size: int, batch_size: int, teacher: Optional[torch.nn.Module] = None, pad_id: int = 0,
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    seed: int,
+    *,
+    vocab_size: int,
+    batch_size: int,
+    teacher: torch.nn.Module | None = None,
+    pad_id: int = 0,
     progress: bool = False,
-) -> list[Sample]:  # fmt: skip
+) -> list[Sample]:
     """Generate for a whole prompt set over the data-parallel ranks; every rank gets all samples.
 
     Prompt i goes to DP rank i % DP with seed ``sample_seeds(seed, i)``; each rank batches its
@@ -198,8 +218,15 @@ def generate_all(
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress or dist.get_rank() != 0)
     for start in range(0, len(mine), batch_size):
         ids = mine[start : start + batch_size]
-        rollout = generate(model, [prompts[i] for i in ids], params, sample_seeds(seed, torch.tensor(ids)),
-                           vocab_size=vocab_size, teacher=teacher, pad_id=pad_id)  # fmt: skip
+        rollout = generate(
+            model,
+            [prompts[i] for i in ids],
+            params,
+            sample_seeds(seed, torch.tensor(ids)),
+            vocab_size=vocab_size,
+            teacher=teacher,
+            pad_id=pad_id,
+        )
         for row, i in enumerate(ids):
             keep = rollout.mask[row]
             local[i] = Sample(

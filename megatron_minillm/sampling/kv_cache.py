@@ -7,8 +7,6 @@ inference context GPTModel always gathers the vocabulary, so the last stage runs
 itself on this rank's slice).
 """
 
-from typing import Optional
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference import communication_utils as comm
@@ -35,7 +33,7 @@ class KVCacheDecoder:
         self.dtype = next(self.model.parameters()).dtype
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool)  # cache positions that hold real tokens
 
-    def forward(self, tokens: Tensor, position_ids: Tensor, valid: Tensor) -> Optional[Tensor]:
+    def forward(self, tokens: Tensor, position_ids: Tensor, valid: Tensor) -> Tensor | None:
         """Append ``tokens`` [b, s] (``valid`` [b, s]: False at padding) to the cache."""
         batch, new = tokens.shape
         self.valid = torch.cat((self.valid, valid), dim=1)

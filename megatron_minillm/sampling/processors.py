@@ -8,7 +8,7 @@ counter-based noise, so the draw never needs the full vocabulary on one rank.
 
 import math
 from collections import defaultdict
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -61,8 +61,9 @@ def ban(logits: Tensor, banned: Sequence[Sequence[int]]) -> Tensor:
     return logits
 
 
-def processed_log_probs(logits: Tensor, params: SamplingParams, vocab_size: int,
-                        banned: Sequence[Sequence[int]]) -> Tensor:  # fmt: skip
+def processed_log_probs(
+    logits: Tensor, params: SamplingParams, vocab_size: int, banned: Sequence[Sequence[int]]
+) -> Tensor:
     """Log-probabilities [b, V/TP] (float32) of the distribution one model samples from."""
     z = ban(mask_padded_vocab(logits.float(), vocab_size), banned)
     if not params.greedy:
@@ -75,7 +76,7 @@ def processed_log_probs(logits: Tensor, params: SamplingParams, vocab_size: int,
     return vp.log_softmax(z)
 
 
-def mix(log_q: Tensor, log_p: Optional[Tensor], alpha: float) -> Tensor:
+def mix(log_q: Tensor, log_p: Tensor | None, alpha: float) -> Tensor:
     """log p~ of the teacher-mixed distribution p~ = alpha * p + (1 - alpha) * q (exact at 0 and 1)."""
     if log_p is None or alpha == 0.0:
         return log_q

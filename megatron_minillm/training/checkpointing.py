@@ -13,7 +13,7 @@ import random
 import signal
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
 
-def read_latest(save_dir: str | Path) -> Optional[int]:
+def read_latest(save_dir: str | Path) -> int | None:
     """The iteration ``save_dir/latest`` names, or None when nothing was saved yet."""
     path = Path(save_dir) / LATEST_FILE
     if not path.is_file():
@@ -64,11 +64,14 @@ def read_latest(save_dir: str | Path) -> Optional[int]:
 
 def _layout() -> dict[str, int]:
     ps = parallel_state
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size()}  # fmt: skip
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
 
 
-def _rng_file(dp_rank: Optional[int] = None) -> str:
+def _rng_file(dp_rank: int | None = None) -> str:
     """This rank's RNG file, named by its (PP, TP, DP) coordinates (or another DP rank's)."""
     ps = parallel_state
     dp = ps.get_data_parallel_rank() if dp_rank is None else dp_rank
@@ -168,8 +171,8 @@ def load_training_checkpoint(
     model: torch.nn.Module,
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
-    arch: Optional[Architecture] = None,
-) -> Optional[tuple[int, dict[str, Any]]]:
+    arch: Architecture | None = None,
+) -> tuple[int, dict[str, Any]] | None:
     """Restore the checkpoint ``save_dir/latest`` names; return ``(iteration, state)``, or None
     when ``save_dir`` has no checkpoint yet (a fresh run). Collective.
 
@@ -241,8 +244,11 @@ def _restore_rng(ckpt: Path, saved: dict[str, int]) -> None:
     same_model_split = (now["tp"], now["pp"]) == (saved["tp"], saved["pp"])
     if now != saved and torch.distributed.get_rank() == 0:
         kept = "restored per TP x PP rank only" if same_model_split else "not restored (seeded states kept)"
-        warnings.warn(f"RNG states {kept}: saved at {saved}, resuming at {now}; random draws differ from "
-                      "an uninterrupted run", RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"RNG states {kept}: saved at {saved}, resuming at {now}; random draws differ from an uninterrupted run",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if not same_model_split:
         return
     if now != saved:

@@ -6,9 +6,10 @@ Defaults reproduce the MiniLLM reference recipe (../shared/docs/MINILLM_DEFAULTS
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -23,11 +24,11 @@ class ConfigError(ValueError):
 class TrainConfig:
     algorithm: str = "minillm"  # minillm | sft | kd | seqkd | rkl_offpolicy
     student: str = ""  # native checkpoint directory (tools/checkpoint/convert.py hf-to-mcore)
-    teacher: Optional[str] = None  # needed by every algorithm but sft
+    teacher: str | None = None  # needed by every algorithm but sft
     data: str = ""  # instruction dataset prefix (tools/preprocess_data.py instructions), e.g. out/dolly_train
-    pt_data: Optional[str] = None  # pretraining dataset prefix for L_PT (minillm); None: no L_PT
-    save: Optional[str] = None  # training checkpoints (iter_XXXXXXX/, latest); resumed from if present
-    tensorboard_dir: Optional[str] = None
+    pt_data: str | None = None  # pretraining dataset prefix for L_PT (minillm); None: no L_PT
+    save: str | None = None  # training checkpoints (iter_XXXXXXX/, latest); resumed from if present
+    tensorboard_dir: str | None = None
 
     # layout and batches
     tp: int = 1
@@ -86,8 +87,17 @@ class TrainConfig:
             raise ConfigError("data: give the instruction dataset prefix (tools/preprocess_data.py)")
         if self.algorithm != "sft" and not self.teacher:
             raise ConfigError(f"algorithm {self.algorithm} needs a teacher checkpoint (teacher=...)")
-        for name in ("tp", "pp", "train_iters", "micro_batch_size", "global_batch_size", "ppo_epochs",
-                     "rollout_batch_size", "rollout_micro_batch_size", "log_interval"):  # fmt: skip
+        for name in (
+            "tp",
+            "pp",
+            "train_iters",
+            "micro_batch_size",
+            "global_batch_size",
+            "ppo_epochs",
+            "rollout_batch_size",
+            "rollout_micro_batch_size",
+            "log_interval",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.max_prompt_length < self.max_length:
@@ -97,8 +107,10 @@ class TrainConfig:
         if self.lr_decay_style not in ("constant", "cosine", "linear"):
             raise ConfigError(f"lr_decay_style {self.lr_decay_style!r} is not constant, cosine or linear")
         if self.algorithm == "minillm" and not (self.policy_gradient or self.single_step):
-            raise ConfigError("minillm with policy_gradient=false and single_step=false has no rollout loss; "
-                              "keep at least one of them")  # fmt: skip
+            raise ConfigError(
+                "minillm with policy_gradient=false and single_step=false has no rollout loss; "
+                "keep at least one of them"
+            )
         if self.dtype not in ("fp32", "bf16") or self.teacher_cache_dtype not in ("fp32", "bf16"):
             raise ConfigError("dtype and teacher_cache_dtype must be fp32 or bf16")
 
@@ -106,7 +118,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A YAML file's values, then ``key=value`` overrides (values parsed as YAML: 1e-5, true, null)."""
     values: dict[str, Any] = {}
     if path:

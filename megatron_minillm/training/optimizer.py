@@ -6,7 +6,6 @@ sync between micro-batches and how to finalize gradients after the last one.
 """
 
 from dataclasses import replace
-from typing import Optional
 
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -21,7 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 def setup_model_and_optimizer(
     model: GPTModel,
     optimizer_config: OptimizerConfig,
-    ddp_config: Optional[DistributedDataParallelConfig] = None,
+    ddp_config: DistributedDataParallelConfig | None = None,
     train_iters: int = 1,
     lr_warmup_iters: int = 0,
     lr_decay_style: str = "constant",

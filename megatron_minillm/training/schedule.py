@@ -1,8 +1,8 @@
 """Run micro-batches through megatron's pipeline schedule (1F1B for PP > 1, plain loop otherwise)."""
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -85,8 +85,10 @@ def check_finite(metrics: list[dict[str, torch.Tensor]], where: str) -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
         names = ", ".join(bad) if bad else "a loss term on another rank"
-        raise NonFiniteLossError(f"{where}: non-finite {names}; stopping before the optimizer step "
-                                 "(lower the learning rate, check the data, or resume from the last checkpoint)")
+        raise NonFiniteLossError(
+            f"{where}: non-finite {names}; stopping before the optimizer step "
+            "(lower the learning rate, check the data, or resume from the last checkpoint)"
+        )
 
 
 def train_step(

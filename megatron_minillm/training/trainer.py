@@ -15,13 +15,11 @@ PPO epoch; here it runs once per rollout batch (plus once per pretraining micro-
 data every step).
 """
 
-import json
 import logging
 import resource
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,9 +34,9 @@ from megatron_minillm.losses import forward_kl, reverse_kl, token_log_probs
 from megatron_minillm.parallel import init_distributed
 from megatron_minillm.platform import is_cuda
 from megatron_minillm.sampling import SamplingParams, generate, sample_seeds
+from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
 from megatron_minillm.training.config import ConfigError, TrainConfig
 from megatron_minillm.training.optimizer import setup_model_and_optimizer
-from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
 from megatron_minillm.training.schedule import (
     Batch,
     at_logit_positions,
@@ -87,18 +85,28 @@ class Trainer:
         if cfg.teacher:
             teacher_tokenizer = load_tokenizer(cfg.teacher)
             self.teacher, _, teacher_meta = load_model(cfg.teacher, dtype=cfg.dtype)
-            check_tokenizers_compatible(teacher_tokenizer, self.tokenizer, teacher_meta.padded_vocab_size,
-                                        meta.padded_vocab_size, cfg.tp)  # fmt: skip
+            check_tokenizers_compatible(
+                teacher_tokenizer, self.tokenizer, teacher_meta.padded_vocab_size, meta.padded_vocab_size, cfg.tp
+            )
             self.teacher.eval().requires_grad_(False)
             log.info("teacher %s checksum %.10e", cfg.teacher, model_checksum(self.teacher))
         self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(
             student,
-            OptimizerConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-                            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
-                            bf16=cfg.dtype == "bf16", use_distributed_optimizer=cfg.use_distributed_optimizer),
-            train_iters=cfg.train_iters * self.steps_per_iteration, lr_warmup_iters=cfg.lr_warmup_iters,
+            OptimizerConfig(
+                lr=cfg.lr,
+                min_lr=cfg.min_lr,
+                weight_decay=cfg.weight_decay,
+                adam_beta1=cfg.adam_beta1,
+                adam_beta2=cfg.adam_beta2,
+                adam_eps=cfg.adam_eps,
+                clip_grad=cfg.clip_grad,
+                bf16=cfg.dtype == "bf16",
+                use_distributed_optimizer=cfg.use_distributed_optimizer,
+            ),
+            train_iters=cfg.train_iters * self.steps_per_iteration,
+            lr_warmup_iters=cfg.lr_warmup_iters,
             lr_decay_style=cfg.lr_decay_style,
-        )  # fmt: skip
+        )
         self.data = InstructionDataset(cfg.data)
         self.pt_data = PretrainDataset(cfg.pt_data, cfg.max_length + 1) if cfg.pt_data and cfg.lm_coef else None
         self.timers = Timers()
@@ -111,11 +119,15 @@ class Trainer:
     def _check_batches(self) -> None:
         cfg, per_step = self.cfg, self.cfg.micro_batch_size * self.layout.dp
         if cfg.global_batch_size % per_step:
-            raise ConfigError(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size "
-                              f"x DP = {cfg.micro_batch_size} x {self.layout.dp}")  # fmt: skip
+            raise ConfigError(
+                f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size "
+                f"x DP = {cfg.micro_batch_size} x {self.layout.dp}"
+            )
         if cfg.algorithm == "minillm" and cfg.rollout_batch_size % cfg.global_batch_size:
-            raise ConfigError(f"rollout_batch_size {cfg.rollout_batch_size} must be a multiple of "
-                              f"global_batch_size {cfg.global_batch_size}")  # fmt: skip
+            raise ConfigError(
+                f"rollout_batch_size {cfg.rollout_batch_size} must be a multiple of "
+                f"global_batch_size {cfg.global_batch_size}"
+            )
 
     @property
     def steps_per_iteration(self) -> int:
@@ -137,8 +149,13 @@ class Trainer:
             indices.append(int(torch.randperm(n, generator=gen)[k % n]))
         return ids, indices
 
-    def _pack(self, prompts: list[list[int]], responses: list[list[int]], kind: Optional[str] = None,
-              **per_token: list[list[float]]) -> list[Batch]:  # fmt: skip
+    def _pack(
+        self,
+        prompts: list[list[int]],
+        responses: list[list[int]],
+        kind: str | None = None,
+        **per_token: list[list[float]],
+    ) -> list[Batch]:
         """Micro-batches [mbs, seq] of prompt + response, right-padded; the loss covers the positions
         that predict response tokens, where ``per_token`` values (one per response token) go, and
         the models compute logits only there ("logit_positions").
@@ -165,9 +182,17 @@ class Trainer:
                 mask[r, len(p) - 1 : len(p) - 1 + len(y)] = 1
                 for name, values in per_token.items():
                     extra[name][r, len(p) - 1 : len(p) - 1 + len(y)] = torch.tensor(values[i][: len(y)])
-            batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
-                            "logit_positions": logit_positions(mask), "kind": kind or cfg.algorithm,
-                            "position_ids": torch.arange(seq).expand(len(rows), seq), **extra})  # fmt: skip
+            batches.append(
+                {
+                    "tokens": tokens[:, :-1],
+                    "labels": tokens[:, 1:],
+                    "loss_mask": mask,
+                    "logit_positions": logit_positions(mask),
+                    "kind": kind or cfg.algorithm,
+                    "position_ids": torch.arange(seq).expand(len(rows), seq),
+                    **extra,
+                }
+            )
         return batches
 
     def _pretrain_batches(self, step: int, count: int) -> list[Batch]:
@@ -179,8 +204,15 @@ class Trainer:
         for m in range(count):
             ids = [(first + m * mbs + r) % len(self.pt_data) for r in range(mbs)]
             chunks = torch.stack([torch.from_numpy(self.pt_data[i]) for i in ids])
-            batches.append({"tokens": chunks[:, :-1], "labels": chunks[:, 1:], "loss_mask": torch.ones(mbs, seq),
-                            "position_ids": torch.arange(seq).expand(mbs, seq), "kind": "pt"})  # fmt: skip
+            batches.append(
+                {
+                    "tokens": chunks[:, :-1],
+                    "labels": chunks[:, 1:],
+                    "loss_mask": torch.ones(mbs, seq),
+                    "position_ids": torch.arange(seq).expand(mbs, seq),
+                    "kind": "pt",
+                }
+            )
         return batches
 
     def _score_with_teacher(self, batches: list[Batch], keep_logits: bool, token_log_p: bool) -> None:
@@ -194,8 +226,12 @@ class Trainer:
                 batch["teacher_logits"] = logits.detach().to(CACHE_DTYPES[cfg.teacher_cache_dtype])
             if token_log_p:
                 pick = partial(at_logit_positions, batch)
-                log_p = token_log_probs(logits.detach().float(), pick(batch["labels"]), pick(batch["loss_mask"]),
-                                        vocab_size=self.arch.vocab_size)  # fmt: skip
+                log_p = token_log_probs(
+                    logits.detach().float(),
+                    pick(batch["labels"]),
+                    pick(batch["loss_mask"]),
+                    vocab_size=self.arch.vocab_size,
+                )
                 batch["log_p"] = scatter_logit_positions(batch, log_p)
             return logits.new_zeros(()), {}
 
@@ -222,11 +258,18 @@ class Trainer:
         if kind == "minillm":
             if cfg.policy_gradient:
                 log_q = token_log_probs(logits, labels, mask, temperature=cfg.temperature, vocab_size=vocab)
-                terms["pg loss"] = minillm.ppo_clipped_loss(log_q, pick(batch["log_q_old"]), pick(batch["weight"]),
-                                                            pick(batch["advantages"]), mask, cfg.clip_eps)  # fmt: skip
+                terms["pg loss"] = minillm.ppo_clipped_loss(
+                    log_q,
+                    pick(batch["log_q_old"]),
+                    pick(batch["weight"]),
+                    pick(batch["advantages"]),
+                    mask,
+                    cfg.clip_eps,
+                )
             if cfg.single_step:  # L_Single: the full-vocabulary reverse KL at every response position
-                terms["single-step loss"] = reverse_kl(logits, teacher, mask, temperature=cfg.temperature,
-                                                       vocab_size=vocab)  # fmt: skip
+                terms["single-step loss"] = reverse_kl(
+                    logits, teacher, mask, temperature=cfg.temperature, vocab_size=vocab
+                )
         if kind == "rkl_offpolicy":
             terms["rkl loss"] = reverse_kl(logits, teacher, mask, vocab_size=vocab)
         sums = {name: (value * mask).sum() * scale for name, value in terms.items()}
@@ -242,8 +285,13 @@ class Trainer:
         """Give each micro-batch ``scale`` = (micro-batches x DP) / (tokens of its kind in the step
         over all DP ranks), undoing megatron's mean over micro-batches and DP ranks."""
         kinds = sorted({b.get("kind", self.cfg.algorithm) for b in batches})
-        counts = torch.tensor([sum(float(b["loss_mask"].sum()) for b in batches if b.get("kind", self.cfg.algorithm) == k)
-                               for k in kinds], dtype=torch.float64)  # fmt: skip
+        counts = torch.tensor(
+            [
+                sum(float(b["loss_mask"].sum()) for b in batches if b.get("kind", self.cfg.algorithm) == k)
+                for k in kinds
+            ],
+            dtype=torch.float64,
+        )
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         for b in batches:
             tokens = counts[kinds.index(b.get("kind", self.cfg.algorithm))].item()
@@ -256,17 +304,35 @@ class Trainer:
         cfg = self.cfg
         ids, indices = self._sample_ids(iteration, cfg.rollout_batch_size)
         prompts = [self.data[i][0][: cfg.max_prompt_length].tolist() for i in indices]
-        params = SamplingParams(max_new_tokens=cfg.max_length - cfg.max_prompt_length, temperature=cfg.temperature,
-                                top_k=cfg.top_k, top_p=cfg.top_p, mix_alpha=cfg.mix_alpha,
-                                stop_ids=(self.tokenizer.eos_id,))  # fmt: skip
+        params = SamplingParams(
+            max_new_tokens=cfg.max_length - cfg.max_prompt_length,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            mix_alpha=cfg.mix_alpha,
+            stop_ids=(self.tokenizer.eos_id,),
+        )
         rollouts = []
         chunks = range(0, len(prompts), cfg.rollout_micro_batch_size)
-        for start in tqdm(chunks, desc=f"rollouts of iteration {iteration + 1}", leave=False,
-                          disable=dist.get_rank() != 0 or len(chunks) < 2):  # fmt: skip
+        for start in tqdm(
+            chunks,
+            desc=f"rollouts of iteration {iteration + 1}",
+            leave=False,
+            disable=dist.get_rank() != 0 or len(chunks) < 2,
+        ):
             chunk = slice(start, start + cfg.rollout_micro_batch_size)
             seeds = sample_seeds(cfg.seed + 7919 * (iteration + 1), torch.tensor(ids[chunk]))
-            rollouts.append(generate(self.model, prompts[chunk], params, seeds, vocab_size=self.arch.vocab_size,
-                                     teacher=self.teacher if cfg.mix_alpha else None, pad_id=self.tokenizer.pad_id))  # fmt: skip
+            rollouts.append(
+                generate(
+                    self.model,
+                    prompts[chunk],
+                    params,
+                    seeds,
+                    vocab_size=self.arch.vocab_size,
+                    teacher=self.teacher if cfg.mix_alpha else None,
+                    pad_id=self.tokenizer.pad_id,
+                )
+            )
         return prompts, rollouts
 
     def _minillm_iteration(self, iteration: int) -> list[dict]:
@@ -286,15 +352,23 @@ class Trainer:
         # them is a contiguous slice, so the steps are the same sets of samples at any DP size.
         start = time.perf_counter()
         local = cfg.global_batch_size // self.dp
-        steps = [self._pack(prompts[i : i + local], responses[i : i + local], log_q_old=log_q_old[i : i + local],
-                            weight=weights[i : i + local], kind="minillm")
-                 for i in range(0, len(prompts), local)]  # fmt: skip
+        steps = [
+            self._pack(
+                prompts[i : i + local],
+                responses[i : i + local],
+                log_q_old=log_q_old[i : i + local],
+                weight=weights[i : i + local],
+                kind="minillm",
+            )
+            for i in range(0, len(prompts), local)
+        ]
         scored = [b for step in steps for b in step]
         self._score_with_teacher(scored, keep_logits=cfg.single_step, token_log_p=True)
         if self.is_last_stage:
             for b in scored:
-                b["rewards"] = minillm.token_rewards(b["log_p"], b["log_q_old"], b["loss_mask"], cfg.reward_scaling,
-                                                     cfg.reward_clip)  # fmt: skip
+                b["rewards"] = minillm.token_rewards(
+                    b["log_p"], b["log_q_old"], b["loss_mask"], cfg.reward_scaling, cfg.reward_clip
+                )
         self.rollout_stats = self._rollout_stats(scored, responses)
         self.timers.add("score", start)
 
@@ -313,8 +387,9 @@ class Trainer:
                     self._score_with_teacher(pt, keep_logits=True, token_log_p=False)
                     micro = [m for pair in zip(micro, pt) for m in pair]
                 self._normalize(micro)
-                step_metrics, _ = train_step(self.model, self.optimizer, self.scheduler, micro, self._loss,
-                                             where=f"iteration {iteration + 1}")  # fmt: skip
+                step_metrics, _ = train_step(
+                    self.model, self.optimizer, self.scheduler, micro, self._loss, where=f"iteration {iteration + 1}"
+                )
                 metrics += step_metrics
         self.timers.add("train", start)
         return metrics
@@ -334,7 +409,9 @@ class Trainer:
 
     def _rollout_stats(self, batches: list[Batch], responses: list[list[int]]) -> dict[str, float]:
         """Mean reward, reverse KL to the teacher on the samples (mean of log q - log p) and length."""
-        stats = torch.tensor([0.0, 0.0, 0.0, float(sum(map(len, responses))), float(len(responses))], dtype=torch.float64)
+        stats = torch.tensor(
+            [0.0, 0.0, 0.0, float(sum(map(len, responses))), float(len(responses))], dtype=torch.float64
+        )
         if self.is_last_stage:
             for b in batches:
                 m = b["loss_mask"]
@@ -343,8 +420,11 @@ class Trainer:
                 stats[2] += m.sum()
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
         tokens = max(stats[2].item(), 1.0)
-        return {"reward": stats[0].item() / tokens, "rkl to teacher": stats[1].item() / tokens,
-                "response length": stats[3].item() / max(stats[4].item(), 1.0)}  # fmt: skip
+        return {
+            "reward": stats[0].item() / tokens,
+            "rkl to teacher": stats[1].item() / tokens,
+            "response length": stats[3].item() / max(stats[4].item(), 1.0),
+        }
 
     def _supervised_iteration(self, iteration: int) -> list[dict]:
         cfg = self.cfg
@@ -354,10 +434,21 @@ class Trainer:
         prompts = [p[: cfg.max_prompt_length].tolist() for p, _ in pairs]
         responses = [r.tolist() for _, r in pairs]
         if cfg.algorithm == "seqkd":  # SFT on the teacher's own samples (alpha = 1), fixed per example
-            params = SamplingParams(max_new_tokens=cfg.max_length - cfg.max_prompt_length, temperature=cfg.temperature,
-                                    top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=(self.tokenizer.eos_id,))  # fmt: skip
-            rollout = generate(self.teacher, prompts, params, sample_seeds(cfg.seed, torch.tensor(indices)),
-                               vocab_size=self.arch.vocab_size, pad_id=self.tokenizer.pad_id)  # fmt: skip
+            params = SamplingParams(
+                max_new_tokens=cfg.max_length - cfg.max_prompt_length,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                stop_ids=(self.tokenizer.eos_id,),
+            )
+            rollout = generate(
+                self.teacher,
+                prompts,
+                params,
+                sample_seeds(cfg.seed, torch.tensor(indices)),
+                vocab_size=self.arch.vocab_size,
+                pad_id=self.tokenizer.pad_id,
+            )
             responses = rollout.responses()
         self.timers.add("rollout", start)
         start = time.perf_counter()
@@ -367,8 +458,9 @@ class Trainer:
         self.timers.add("score", start)
         start = time.perf_counter()
         self._normalize(batches)
-        metrics, _ = train_step(self.model, self.optimizer, self.scheduler, batches, self._loss,
-                                where=f"iteration {iteration + 1}")  # fmt: skip
+        metrics, _ = train_step(
+            self.model, self.optimizer, self.scheduler, batches, self._loss, where=f"iteration {iteration + 1}"
+        )
         self.timers.add("train", start)
         self.rollout_stats = {"response length": sum(map(len, responses)) / max(len(responses), 1)}
         return metrics
@@ -382,8 +474,9 @@ class Trainer:
         names = sorted({k for m in metrics for k in m})
         # Each micro-batch carries its share of the step's token mean: the mean over micro-batches
         # (and DP ranks) is the token mean of the step, averaged over the iteration's steps.
-        values = torch.tensor([sum(float(m.get(k, 0.0)) for m in metrics) / max(len(metrics), 1) for k in names],
-                              dtype=torch.float64)  # fmt: skip
+        values = torch.tensor(
+            [sum(float(m.get(k, 0.0)) for m in metrics) / max(len(metrics), 1) for k in names], dtype=torch.float64
+        )
         if self.is_last_stage and names:
             dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
             values /= self.dp
@@ -429,8 +522,16 @@ class Trainer:
         """Model, optimizer, scheduler, RNG states and the resolved config; the data position is
         the iteration itself (see :meth:`_sample_ids`)."""
         state = {"iteration": iteration, "config": self.cfg.to_dict()}
-        save_training_checkpoint(self.cfg.save, iteration, self.model, self.optimizer, self.scheduler, state,
-                                 metadata=self.meta, hf_dir=self.cfg.student)  # fmt: skip
+        save_training_checkpoint(
+            self.cfg.save,
+            iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            state,
+            metadata=self.meta,
+            hf_dir=self.cfg.student,
+        )
 
     def _log(self, iteration: int, metrics: dict[str, float], elapsed: float, writer) -> None:
         if dist.get_rank() != dist.get_world_size() - 1:  # the last rank holds the last stage's metrics
@@ -441,10 +542,16 @@ class Trainer:
         tokens_per_s = metrics.get("response length", 0.0) * samples * self.cfg.log_interval / max(elapsed, 1e-9)
         parts = [f"iteration {iteration:6d}/{self.cfg.train_iters}", f"lr {metrics['lr']:.3e}"]
         parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k != "lr"]
-        parts.append("rollout/score/train " + "/".join(f"{100 * shares.get(k, 0.0) / total:.0f}"
-                                                       for k in ("rollout", "score", "train")) + " %")  # fmt: skip
-        parts += [f"response tokens/s {tokens_per_s:.1f}", f"peak mem {self._peak_memory_gb():.2f} GB",
-                  f"elapsed {elapsed:.1f} s"]  # fmt: skip
+        parts.append(
+            "rollout/score/train "
+            + "/".join(f"{100 * shares.get(k, 0.0) / total:.0f}" for k in ("rollout", "score", "train"))
+            + " %"
+        )
+        parts += [
+            f"response tokens/s {tokens_per_s:.1f}",
+            f"peak mem {self._peak_memory_gb():.2f} GB",
+            f"elapsed {elapsed:.1f} s",
+        ]
         print(" | ".join(parts), flush=True)
         if writer is not None:
             for k, v in metrics.items():

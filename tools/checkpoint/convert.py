@@ -58,14 +58,21 @@ def main() -> int:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         init_distributed(tp=tp, pp=args.pp or max(world // tp, 1))
         if args.command == "hf-to-mcore":
-            convert_hf_to_mcore(args.hf, args.out, args.dtype, args.make_vocab_size_divisible_by,
-                                overwrite=args.overwrite)  # fmt: skip
+            convert_hf_to_mcore(
+                args.hf, args.out, args.dtype, args.make_vocab_size_divisible_by, overwrite=args.overwrite
+            )
         else:
-            convert_mcore_to_hf(args.ckpt, args.out, int(args.max_shard_size_gb * 2**30),
-                                overwrite=args.overwrite)  # fmt: skip
+            convert_mcore_to_hf(args.ckpt, args.out, int(args.max_shard_size_gb * 2**30), overwrite=args.overwrite)
         destroy_distributed()
-    except (CheckpointMismatchError, NotACheckpointError, UnsupportedModelError, LayoutError,
-            FileNotFoundError, FileExistsError, ValueError) as err:  # fmt: skip
+    except (
+        CheckpointMismatchError,
+        NotACheckpointError,
+        UnsupportedModelError,
+        LayoutError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
