@@ -12,9 +12,10 @@ import re
 from collections.abc import Callable, Container, Iterable, Mapping
 
 import torch
-from megatron.core import parallel_state
+import torch.distributed as dist
 
 from megatron_minillm.models.hf_config import Architecture
+from megatron_minillm.parallel.vocab import tp_shard, tp_size
 
 Tensor = torch.Tensor
 Getter = Callable[[str], Tensor]  # name -> tensor; lets callers read tensors lazily from disk
@@ -241,24 +242,24 @@ def global_name(model: torch.nn.Module, local_name: str) -> str:
     return f"decoder.layers.{int(match.group(1)) + _layer_offset(model)}.{suffix}"
 
 
-def shard_tensor(full: Tensor, param: Tensor, name: str, gated_fc1: bool) -> Tensor:
-    """Slice a full megatron tensor to ``param``'s TP shard (padding vocab rows with zeros)."""
+def shard_tensor(
+    full: Tensor, param: Tensor, name: str, gated_fc1: bool, tp_group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """Slice a full megatron tensor to ``param``'s shard over ``tp_group`` (the model's TP group; None:
+    megatron's global one), padding vocab rows with zeros."""
     if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        padded = param.shape[0] * tp
+        padded = param.shape[0] * tp_size(tp_group)
         if full.shape[0] > padded:
             raise CheckpointMismatchError(
                 f"{name}: {full.shape[0]} vocab rows do not fit the model's padded vocab {padded}"
             )
         full = torch.cat((full, full.new_zeros(padded - full.shape[0], *full.shape[1:])), dim=0)
     if getattr(param, "tensor_model_parallel", False):
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        rank = parallel_state.get_tensor_model_parallel_rank()
         dim = param.partition_dim
         if gated_fc1 and ".mlp.linear_fc1." in name:  # [gate; up]: each rank holds [gate_r; up_r]
-            full = torch.cat([part.chunk(tp, dim=dim)[rank] for part in full.chunk(2, dim=dim)], dim)
+            full = torch.cat([tp_shard(part, dim, tp_group) for part in full.chunk(2, dim=dim)], dim)
         else:
-            full = full.chunk(tp, dim=dim)[rank]
+            full = tp_shard(full, dim, tp_group)
     if full.shape != param.shape:
         raise CheckpointMismatchError(
             f"{name}: checkpoint shape {tuple(full.shape)} does not match the model's shard {tuple(param.shape)}"
@@ -281,14 +282,16 @@ def local_full_names(model: torch.nn.Module) -> dict[str, str]:
 @torch.no_grad()
 def load_full_tensors(model: torch.nn.Module, full: Mapping[str, Tensor], strict: bool = True) -> set[str]:
     """Copy full megatron tensors into the parameter shards of ``model`` they feed; return the
-    local names filled. ``strict``: every parameter must be fed (the missing tensor is named);
-    a streaming caller passes one layer at a time with ``strict=False``."""
+    local names filled. Shards are cut for the model's own TP group (``model.pg_collection``).
+    ``strict``: every parameter must be fed (the missing tensor is named); a streaming caller passes
+    one layer at a time with ``strict=False``."""
     gated = model.config.gated_linear_unit
+    tp_group = model.pg_collection.tp
     params = dict(model.named_parameters())
     filled = set()
     for name, full_name in local_full_names(model).items():
         if full_name in full:
-            params[name].copy_(shard_tensor(full[full_name], params[name], full_name, gated))
+            params[name].copy_(shard_tensor(full[full_name], params[name], full_name, gated, tp_group))
             filled.add(name)
         elif strict:
             raise CheckpointMismatchError(f"no tensor {full_name!r} for the model's parameter {name!r}")

@@ -1,14 +1,17 @@
 """Token log-probabilities, entropy and distillation divergences on vocab-parallel logits.
 
-Common arguments: logits are this rank's slice [b, s, V/TP] (megatron's TP group splits the
-vocabulary); the teacher's logits have the same shape and split and never get a gradient;
-``loss_mask`` [b, s] (0/1 or bool, None = all tokens) selects the tokens computed, others give 0;
-``temperature`` T divides both logits; ``vocab_size`` (optional) excludes padded vocabulary columns
-(ids >= vocab_size); ``reduction`` is one of ``reductions.REDUCTIONS``; ``options`` picks the chunk
-size and the optional compiled kernels. Values are fp32 (fp64 for fp64 logits). The formulas are in
-``divergences.py``; the chunked vocab-parallel computation in ``vocab_parallel.py``.
+Common arguments: logits are this rank's slice [b, s, V/TP] (a TP group splits the vocabulary); the
+teacher's logits have the same shape and split and never get a gradient; ``loss_mask`` [b, s] (0/1
+or bool, None = all tokens) selects the tokens computed, others give 0; ``temperature`` T divides
+both logits; ``vocab_size`` (optional) excludes padded vocabulary columns (ids >= vocab_size);
+``reduction`` is one of ``reductions.REDUCTIONS``; ``options`` picks the chunk size and the optional
+compiled kernels; ``tp_group`` is the group the vocabulary is split over (None: megatron's global TP
+group; a model built on its own layout passes its ``model.pg_collection.tp``). Values are fp32 (fp64
+for fp64 logits). The formulas are in ``divergences.py``; the chunked vocab-parallel computation in
+``vocab_parallel.py``, the vocabulary split and its collectives in ``parallel/vocab.py``.
 """
 
+import torch.distributed as dist
 from torch import Tensor
 
 from megatron_minillm.losses.divergences import (
@@ -36,6 +39,7 @@ def token_log_probs(
     vocab_size: int | None = None,
     reduction: Reduction = "none",
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """log q(ids) = z_id / T - logsumexp(z / T): the vocab-parallel gather of megatron's
     ``vocab_parallel_cross_entropy`` (its negative), for policy-gradient ratios and the LM loss."""
@@ -54,6 +58,7 @@ def token_log_probs(
         vocab_size=vocab_size,
         reduction=reduction,
         options=options,
+        tp_group=tp_group,
     )
 
 
@@ -65,6 +70,7 @@ def entropy(
     vocab_size: int | None = None,
     reduction: Reduction = "none",
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """H(q) = -sum_v q_v log q_v per token (``divergences.entropy_terms``)."""
     check_reduction(reduction)
@@ -78,6 +84,7 @@ def entropy(
         reduction=reduction,
         needs_teacher=False,
         options=options,
+        tp_group=tp_group,
     )
 
 
@@ -90,6 +97,7 @@ def _divergence(
     vocab_size: int | None,
     reduction: Reduction,
     options: KernelOptions,
+    tp_group: dist.ProcessGroup | None,
     coef: float = 0.0,
 ) -> Tensor:
     check_reduction(reduction)
@@ -110,6 +118,7 @@ def _divergence(
         reduction=reduction,
         coef=coef,
         options=options,
+        tp_group=tp_group,
     )
 
 
@@ -128,10 +137,19 @@ def reverse_kl(
     vocab_size: int | None = None,
     reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """KL(q || p), exact over the full vocabulary (``divergences.reverse_kl_terms``)."""
     return _divergence(
-        reverse_kl_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size, reduction, options
+        reverse_kl_terms,
+        student_logits,
+        teacher_logits,
+        loss_mask,
+        temperature,
+        vocab_size,
+        reduction,
+        options,
+        tp_group,
     )
 
 
@@ -144,10 +162,19 @@ def forward_kl(
     vocab_size: int | None = None,
     reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """KL(p || q), word-level KD (``divergences.forward_kl_terms``)."""
     return _divergence(
-        forward_kl_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size, reduction, options
+        forward_kl_terms,
+        student_logits,
+        teacher_logits,
+        loss_mask,
+        temperature,
+        vocab_size,
+        reduction,
+        options,
+        tp_group,
     )
 
 
@@ -161,6 +188,7 @@ def skew_forward_kl(
     vocab_size: int | None = None,
     reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """KL(p || lam p + (1 - lam) q), lam in [0, 1) (``divergences.skew_forward_kl_terms``)."""
     _check_unit_interval("skew lambda", lam, closed_low=True)
@@ -173,6 +201,7 @@ def skew_forward_kl(
         vocab_size,
         reduction,
         options,
+        tp_group,
         coef=float(lam),
     )
 
@@ -187,6 +216,7 @@ def skew_reverse_kl(
     vocab_size: int | None = None,
     reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """KL(q || lam q + (1 - lam) p), lam in [0, 1) (``divergences.skew_reverse_kl_terms``)."""
     _check_unit_interval("skew lambda", lam, closed_low=True)
@@ -199,6 +229,7 @@ def skew_reverse_kl(
         vocab_size,
         reduction,
         options,
+        tp_group,
         coef=float(lam),
     )
 
@@ -213,6 +244,7 @@ def generalized_jsd(
     vocab_size: int | None = None,
     reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, beta in (0, 1)
     (``divergences.generalized_jsd_terms``; at beta = 0 or 1 it vanishes: use forward_kl / reverse_kl)."""
@@ -226,6 +258,7 @@ def generalized_jsd(
         vocab_size,
         reduction,
         options,
+        tp_group,
         coef=float(beta),
     )
 
@@ -239,10 +272,19 @@ def total_variation_distance(
     vocab_size: int | None = None,
     reduction: Reduction = "token_mean",
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """1/2 sum_v |q_v - p_v| (``divergences.total_variation_terms``)."""
     return _divergence(
-        total_variation_terms, student_logits, teacher_logits, loss_mask, temperature, vocab_size, reduction, options
+        total_variation_terms,
+        student_logits,
+        teacher_logits,
+        loss_mask,
+        temperature,
+        vocab_size,
+        reduction,
+        options,
+        tp_group,
     )
 
 
@@ -255,6 +297,7 @@ def minillm_single_step_loss(
     vocab_size: int | None = None,
     length_normalize: bool = False,
     options: KernelOptions = _DEFAULT,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """MiniLLM's single-step term L_Single: the full-vocabulary reverse KL KL(q_t || p_t) at every
     response position t (``loss_mask``), whose gradient is (grad L)_Single of MiniLLM Eq. 3.
@@ -273,4 +316,5 @@ def minillm_single_step_loss(
         vocab_size=vocab_size,
         reduction="sequence_mean" if length_normalize else "token_mean",
         options=options,
+        tp_group=tp_group,
     )

@@ -28,12 +28,6 @@ def _lowest(x: Tensor) -> float:
     return torch.finfo(x.dtype).min
 
 
-def log_normalizer(global_max: Tensor, total: Tensor) -> Tensor:
-    """log-sum-exp from the global max and the sum of exp(x - max): 0 for a row with nothing (total 0),
-    whose probabilities are then exactly 0."""
-    return torch.where(total > 0, global_max + torch.log(total), 0.0)
-
-
 class VocabParallelKernels:
     """Static per-chunk kernels, in the manner of megatron's ``VocabParallelCrossEntropy``."""
 

@@ -2,12 +2,14 @@
 
 Logits are [tokens, V/TP] per rank. Tokens go through in chunks: per chunk, each rank computes its
 slice's [C] statistics (max, sum of exp, partial sums of the divergence), and only those cross TP
-ranks (all-reduce MAX / SUM over megatron's TP group). When the student needs a gradient, the same
-chunk loop writes it (of each loss_i, or of the weighted sum that a scalar reduction is) straight
-into the gradient tensor while the chunk is in cache; the backward only scales it in place (not at
-all when the upstream gradient of a scalar loss is 1). So no [tokens, V/TP] fp32 temporary lives
-beyond one chunk, the only large allocation is the returned gradient, and the teacher never gets one.
-The reverse KL of fp32 CPU logits at TP=1 skips the chunks: ``cpu_kernels`` does it row by row.
+ranks (all-reduce MAX / SUM over the caller's ``tp_group``, else megatron's global TP group; the
+vocabulary split and its collectives are ``parallel/vocab.py``'s). When the student needs a gradient,
+the same chunk loop writes it (of each loss_i, or of the weighted sum that a scalar reduction is)
+straight into the gradient tensor while the chunk is in cache; the backward only scales it in place
+(not at all when the upstream gradient of a scalar loss is 1). So no [tokens, V/TP] fp32 temporary
+lives beyond one chunk, the only large allocation is the returned gradient, and the teacher never
+gets one. The reverse KL of fp32 CPU logits at TP=1 skips the chunks: ``cpu_kernels`` does it row by
+row.
 
 Only the tokens selected by the loss mask are computed; the others get 0 and a zero gradient.
 """
@@ -17,15 +19,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel.utils import VocabUtility
 from torch import Tensor
 
 from megatron_minillm.losses import cpu_kernels
 from megatron_minillm.losses.divergences import Terms, reverse_kl_terms
 from megatron_minillm.losses.kernels import VocabParallelKernels as K
-from megatron_minillm.losses.kernels import kernel, log_normalizer
+from megatron_minillm.losses.kernels import kernel
 from megatron_minillm.losses.reductions import SCALAR_REDUCTIONS, Reduction, reduce_tokens, token_weights
+from megatron_minillm.parallel.vocab import global_log_normalizer, local_columns, tp_all_reduce, tp_size, vocab_slice
 
 # Elements per chunk of one logits tensor. Eager: ~2 MiB of fp32, so a chunk's temporaries stay in
 # cache. Compiled: the fused kernels have few temporaries; bigger chunks amortize the per-call cost.
@@ -60,6 +61,11 @@ class LossPlan:
     coef: float = 0.0  # lambda / beta of the divergence
     needs_teacher: bool = True  # False: a property of q alone (entropy)
     options: KernelOptions = KernelOptions()
+    tp_group: dist.ProcessGroup | None = None  # the group the vocabulary is split over; None: megatron's
+
+    @property
+    def tp_size(self) -> int:
+        return tp_size(self.tp_group)
 
     @property
     def has_teacher(self) -> bool:
@@ -71,25 +77,6 @@ class LossPlan:
 
     def kernel(self, fn: Callable, terms: Terms | None = None) -> Callable:
         return kernel(fn, terms, self.options.compiled)
-
-
-def _tp_all_reduce(tensor: Tensor, op: dist.ReduceOp) -> None:
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(tensor, op=op, group=parallel_state.get_tensor_model_parallel_group())
-
-
-def global_log_normalizer(stats: Tensor) -> Tensor:
-    """Full-vocabulary log-sum-exp [k, C] from per-rank (max, sum of exp) stats [k, 2, C].
-
-    Sums are rescaled to the global max before the SUM (as an online softmax does); a row that is
-    -inf everywhere gets 0, so its log-probabilities are -inf and its probabilities exactly 0.
-    """
-    local_max, local_sum = stats[:, 0], stats[:, 1]
-    global_max = local_max.clone()
-    _tp_all_reduce(global_max, dist.ReduceOp.MAX)
-    total = torch.where(local_max > float("-inf"), local_sum * torch.exp(local_max - global_max), 0.0)
-    _tp_all_reduce(total, dist.ReduceOp.SUM)
-    return log_normalizer(global_max, total)
 
 
 def _divergence_chunk(z: Tensor, o: Tensor | None, out: Tensor | None, weight: Tensor, plan: LossPlan) -> Tensor:
@@ -104,9 +91,8 @@ def _divergence_chunk(z: Tensor, o: Tensor | None, out: Tensor | None, weight: T
         grad_fn = plan.kernel(K.divergence_grad, plan.terms)
     stats = [stats_fn(z, T, nv)] + ([stats_fn(o, T, nv)] if plan.has_teacher else [])
     saved = torch.zeros(3, z.shape[0], dtype=stats[0].dtype, device=z.device)
-    saved[: len(stats)] = global_log_normalizer(torch.stack(stats))
-    partials = partials_fn(z, o, saved, T, nv, plan.coef)
-    _tp_all_reduce(partials, dist.ReduceOp.SUM)
+    saved[: len(stats)] = global_log_normalizer(torch.stack(stats), plan.tp_group)
+    partials = tp_all_reduce(partials_fn(z, o, saved, T, nv, plan.coef), tp_group=plan.tp_group)
     saved[2] = partials[1]
     if out is not None:
         grad_fn(out, z, o, saved, weight, T, nv, plan.coef)
@@ -117,12 +103,10 @@ def _reverse_kl_chunk(z: Tensor, t: Tensor, out: Tensor | None, weight: Tensor, 
     """The reverse KL of one chunk (two exponentials per logit at TP = 1): values [C]; their gradients
     times ``weight`` [C] into ``out``. Only [2, C] maxima and [3, C] sums cross TP ranks."""
     T, nv = plan.temperature, plan.num_valid
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+    if plan.tp_size == 1:
         return K.reverse_kl_values(plan.kernel(K.reverse_kl_chunk)(out, z, t, weight, T, nv))
-    maxima = plan.kernel(K.reverse_kl_maxima)(z, t, T, nv)
-    _tp_all_reduce(maxima, dist.ReduceOp.MAX)
-    sums = plan.kernel(K.reverse_kl_sums)(z, t, maxima, T, nv)
-    _tp_all_reduce(sums, dist.ReduceOp.SUM)
+    maxima = tp_all_reduce(plan.kernel(K.reverse_kl_maxima)(z, t, T, nv), dist.ReduceOp.MAX, plan.tp_group)
+    sums = tp_all_reduce(plan.kernel(K.reverse_kl_sums)(z, t, maxima, T, nv), tp_group=plan.tp_group)
     if out is not None:
         plan.kernel(K.reverse_kl_grad)(out, z, t, maxima, sums, weight, T, nv)
     return K.reverse_kl_values(sums)
@@ -184,7 +168,7 @@ def _use_cpu_kernel(plan: LossPlan, student: Tensor, other: Tensor) -> bool:
         plan.terms is reverse_kl_terms
         and plan.options.cpu_kernel
         and cpu_kernels.supports(student, other)
-        and parallel_state.get_tensor_model_parallel_world_size() == 1
+        and plan.tp_size == 1
     )
 
 
@@ -251,21 +235,6 @@ def _gradient_buffer(student: Tensor, rows: Tensor) -> Tensor:
     return torch.empty_like(student) if len(rows) == student.shape[0] else torch.zeros_like(student)
 
 
-def _vocab_slice(vocab_shard: int, vocab_size: int | None) -> tuple[int, int]:
-    """This rank's first vocabulary id and its number of columns below ``vocab_size``."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
-        vocab_shard, parallel_state.get_tensor_model_parallel_rank(), tp
-    )
-    if vocab_size is None:
-        return start, vocab_shard
-    if not 1 <= vocab_size <= vocab_shard * tp:
-        raise ValueError(
-            f"vocab_size {vocab_size} must be in [1, {vocab_shard * tp}] (V/TP = {vocab_shard}, TP = {tp})"
-        )
-    return start, min(max(vocab_size - start, 0), vocab_shard)
-
-
 def vocab_parallel_loss(
     student_logits: Tensor,
     other: Tensor,
@@ -278,12 +247,14 @@ def vocab_parallel_loss(
     coef: float = 0.0,
     needs_teacher: bool = True,
     options: KernelOptions = KernelOptions(),
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """The ``reduction`` of the per-token loss (0 where masked) of vocab-parallel ``student_logits``
     [b, s, V/TP].
 
     ``other`` is the teacher's logits [b, s, V/TP] (never differentiated), or the target ids [b, s]
-    when ``terms`` is None (token log-probabilities). Only [tokens] statistics cross TP ranks.
+    when ``terms`` is None (token log-probabilities). Only [tokens] statistics cross the ranks of
+    ``tp_group``, the group the vocabulary is split over (None: megatron's global TP group).
     """
     if student_logits.dim() != 3 or not student_logits.is_floating_point():
         raise ValueError(
@@ -300,16 +271,22 @@ def vocab_parallel_loss(
             f"loss mask {tuple(loss_mask.shape)} must be [b, s] = {(batch, seq)} of the logits "
             f"{tuple(student_logits.shape)}"
         )
-    start, num_valid = _vocab_slice(vocab_shard, vocab_size)
+    tp = tp_size(tp_group)
+    if vocab_size is not None and not 1 <= vocab_size <= vocab_shard * tp:
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in [1, {vocab_shard * tp}] (V/TP = {vocab_shard}, TP = {tp})"
+        )
+    _, num_valid = vocab_slice(vocab_shard, vocab_size, tp_group)
     rows = loss_mask.reshape(-1).nonzero()[:, 0]
     if terms is None:
-        other = _local_targets(other, rows, start, vocab_shard, vocab_size)
+        limit = vocab_shard * tp if vocab_size is None else vocab_size
+        other = _local_targets(other, rows, vocab_shard, limit, tp_group)
     else:
         other = other.reshape(-1, vocab_shard)
     mask = (loss_mask != 0).to(torch.promote_types(student_logits.dtype, torch.float32))
     reduce = reduction in SCALAR_REDUCTIONS
     weights = token_weights(mask, reduction).reshape(-1)[rows] if reduce else mask.new_ones(len(rows))
-    plan = LossPlan(terms, float(temperature), num_valid, coef, needs_teacher, options)
+    plan = LossPlan(terms, float(temperature), num_valid, coef, needs_teacher, options, tp_group)
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
     values = _VocabParallelLossFunction.apply(
         student_logits.reshape(-1, vocab_shard), other.detach(), rows, weights, plan, needs_grad, reduce
@@ -320,15 +297,17 @@ def vocab_parallel_loss(
     return reduce_tokens(per_token, mask, reduction)
 
 
-def _local_targets(ids: Tensor, rows: Tensor, start: int, vocab_shard: int, vocab_size: int | None) -> Tensor:
-    """Target ids [b, s] -> their column in this rank's slice [tokens], -1 where another rank has it."""
+def _local_targets(
+    ids: Tensor, rows: Tensor, vocab_shard: int, limit: int, tp_group: dist.ProcessGroup | None
+) -> Tensor:
+    """Target ids [b, s] (those of the selected ``rows`` below ``limit``) -> their column in this rank's
+    slice [tokens], -1 where another rank has it."""
     ids = ids.reshape(-1)
     selected = ids[rows]
-    limit = vocab_shard * parallel_state.get_tensor_model_parallel_world_size() if vocab_size is None else vocab_size
     if len(selected) and (selected.min() < 0 or selected.max() >= limit):
         raise ValueError(
             f"target ids at unmasked positions must be in [0, {limit}), got "
             f"[{selected.min().item()}, {selected.max().item()}]"
         )
-    local = ids - start
-    return torch.where((local >= 0) & (local < vocab_shard), local, -1)
+    local, mine = local_columns(ids, vocab_shard, tp_group)
+    return torch.where(mine, local, -1)

@@ -7,7 +7,7 @@ from megatron_minillm.models.hf_config import (
     architecture_from_dict,
     load_architecture,
 )
-from megatron_minillm.models.vocab import mask_padded_vocab, padded_vocab_size
+from megatron_minillm.parallel.vocab import mask_padded_vocab, padded_vocab_size
 
 __all__ = [
     "Architecture",

@@ -1,4 +1,5 @@
-"""Process groups and parallel layouts (torchrun / SLURM -> megatron parallel_state)."""
+"""Process groups and parallel layouts (torchrun / SLURM -> megatron parallel_state), and the
+vocabulary split over a TP group (``parallel.vocab``: ranges, padding, TP collectives)."""
 
 from megatron_minillm.parallel.initialize import (
     LayoutError,

@@ -11,9 +11,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from megatron_minillm.models.vocab import mask_padded_vocab
+from megatron_minillm.parallel.vocab import local_columns, log_softmax, mask_padded_vocab, vocab_slice
 from megatron_minillm.sampling import vocab_parallel as vp
 from megatron_minillm.sampling.noise import gumbel
 from megatron_minillm.sampling.params import SamplingParams
@@ -48,32 +49,37 @@ class NoRepeatNGram:
         ]
 
 
-def ban(logits: Tensor, banned: Sequence[Sequence[int]]) -> Tensor:
+def ban(logits: Tensor, banned: Sequence[Sequence[int]], tp_group: dist.ProcessGroup | None = None) -> Tensor:
     """-inf at the banned ids of each row that fall in this rank's vocabulary slice."""
     rows = [i for i, ids in enumerate(banned) for _ in ids]
     if not rows:
         return logits
-    cols = torch.tensor([t for ids in banned for t in ids], dtype=torch.long) - vp.vocab_start(logits.shape[-1])
-    rows_t = torch.tensor(rows, dtype=torch.long)
-    mine = (cols >= 0) & (cols < logits.shape[-1])
+    banned_ids = torch.tensor([t for ids in banned for t in ids], dtype=torch.long, device=logits.device)
+    cols, mine = local_columns(banned_ids, logits.shape[-1], tp_group)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=logits.device)
     logits = logits.clone()
     logits[rows_t[mine], cols[mine]] = vp.NEG_INF
     return logits
 
 
 def processed_log_probs(
-    logits: Tensor, params: SamplingParams, vocab_size: int, banned: Sequence[Sequence[int]]
+    logits: Tensor,
+    params: SamplingParams,
+    vocab_size: int,
+    banned: Sequence[Sequence[int]],
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
-    """Log-probabilities [b, V/TP] (float32) of the distribution one model samples from."""
-    z = ban(mask_padded_vocab(logits.float(), vocab_size), banned)
+    """Log-probabilities [b, V/TP] (float32) of the distribution one model samples from; ``tp_group``
+    splits the vocabulary (None: megatron's global TP group)."""
+    z = ban(mask_padded_vocab(logits.float(), vocab_size, tp_group), banned, tp_group)
     if not params.greedy:
         if params.temperature != 1.0:
             z = z / params.temperature
         if params.top_k:
-            z = vp.top_k_mask(z, params.top_k)
+            z = vp.top_k_mask(z, params.top_k, tp_group)
         if params.top_p < 1.0:
-            z = vp.top_p_mask(z, params.top_p)
-    return vp.log_softmax(z)
+            z = vp.top_p_mask(z, params.top_p, tp_group=tp_group)
+    return log_softmax(z, tp_group)
 
 
 def mix(log_q: Tensor, log_p: Tensor | None, alpha: float) -> Tensor:
@@ -85,10 +91,12 @@ def mix(log_q: Tensor, log_p: Tensor | None, alpha: float) -> Tensor:
     return torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
 
 
-def draw(log_probs: Tensor, seeds: Tensor, step: int, greedy: bool) -> Tensor:
+def draw(
+    log_probs: Tensor, seeds: Tensor, step: int, greedy: bool, tp_group: dist.ProcessGroup | None = None
+) -> Tensor:
     """Token ids [b]: the argmax (greedy) or a Gumbel-max sample keyed by (seed, step, token id)."""
     if greedy:
-        return vp.argmax(log_probs)
-    start = vp.vocab_start(log_probs.shape[-1])
-    ids = torch.arange(start, start + log_probs.shape[-1])
-    return vp.argmax(gumbel(seeds, step, ids).add_(log_probs))
+        return vp.argmax(log_probs, tp_group)
+    start, _ = vocab_slice(log_probs.shape[-1], tp_group=tp_group)
+    ids = torch.arange(start, start + log_probs.shape[-1], device=log_probs.device)
+    return vp.argmax(gumbel(seeds, step, ids).add_(log_probs), tp_group)
