@@ -1,7 +1,10 @@
 """Build a megatron-core ``GPTModel`` that reproduces an HF architecture, on this rank's TP/PP slice.
 
-Teacher and student are two calls with two architectures in the same process; both use the TP/PP
-groups of ``parallel_state``.
+Teacher and student are two calls with two architectures in the same process. Each is split over the
+groups of its ``pg_collection`` (megatron's ``ProcessGroupCollection``: a model may have its own TP x
+PP layout on the same ranks), or over megatron's global groups of ``parallel_state`` without one. The
+model keeps the collection (``model.pg_collection``, megatron's global groups when none was given):
+losses, the sampler and the checkpoint loaders read the groups from there.
 """
 
 import math
@@ -9,6 +12,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -16,6 +20,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -27,8 +33,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_minillm.models.attention import SDPADotProductAttention
 from megatron_minillm.models.hf_config import Architecture
-from megatron_minillm.models.vocab import padded_vocab_size
 from megatron_minillm.parallel import LayoutError
+from megatron_minillm.parallel.vocab import padded_vocab_size
 from megatron_minillm.platform import is_cuda
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,10 +70,37 @@ def check_layout(arch: Architecture, tp: int, pp: int) -> None:
         raise LayoutError(f"PP={pp} does not divide the {arch.num_layers} layers")
 
 
-def transformer_config(arch: Architecture, dtype: str = "fp32", **overrides: Any) -> TransformerConfig:
-    """The megatron TransformerConfig for ``arch`` at the current TP/PP layout (dropout off)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+# What GPTModel (megatron-core 0.16.1) reads of a ProcessGroupCollection: tp and pp split the model,
+# cp its sequence (a group of one rank: no context parallelism here), embd ties the first stage's
+# embedding to the last stage's output layer (None where nothing is tied across stages).
+MODEL_PROCESS_GROUPS = ("tp", "pp", "cp", "embd")
+
+
+def model_parallel_groups(
+    pg_collection: ProcessGroupCollection | None = None,
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """The TP and PP groups a model is split over: ``pg_collection``'s, else megatron's global ones."""
+    if pg_collection is None:
+        return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_pipeline_model_parallel_group()
+    missing = [name for name in MODEL_PROCESS_GROUPS if not hasattr(pg_collection, name)]
+    if missing:
+        raise ValueError(
+            f"pg_collection has no {', '.join(missing)} group: a GPTModel needs tp, pp, cp (one rank) and embd "
+            "(None unless the embeddings are tied across pipeline stages)"
+        )
+    return pg_collection.tp, pg_collection.pp
+
+
+def transformer_config(
+    arch: Architecture,
+    dtype: str = "fp32",
+    *,
+    pg_collection: ProcessGroupCollection | None = None,
+    **overrides: Any,
+) -> TransformerConfig:
+    """The megatron TransformerConfig for ``arch`` at the TP x PP layout of ``pg_collection``'s groups
+    (None: megatron's global groups), dropout off."""
+    tp, pp = (dist.get_world_size(group) for group in model_parallel_groups(pg_collection))
     check_layout(arch, tp, pp)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -162,14 +195,28 @@ def build_model(
     make_vocab_size_divisible_by: int = 128,
     padded_vocab: int | None = None,
     config: TransformerConfig | None = None,
+    *,
+    pg_collection: ProcessGroupCollection | None = None,
     **config_overrides: Any,
 ) -> GPTModel:
     """Build this rank's stage of ``arch`` (its layers and, on first/last stage, embeddings/head).
 
     ``padded_vocab`` (a checkpoint's) overrides the padding rule ``make_vocab_size_divisible_by x TP``.
+    ``pg_collection`` (megatron's ``ProcessGroupCollection`` with at least ``MODEL_PROCESS_GROUPS``)
+    gives the model its own TP x PP layout; None builds it on megatron's global groups, as before.
     """
-    config = config or transformer_config(arch, dtype, **config_overrides)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group, pp_group = model_parallel_groups(pg_collection)
+    tp, pp = dist.get_world_size(tp_group), dist.get_world_size(pp_group)
+    config = config or transformer_config(arch, dtype, pg_collection=pg_collection, **config_overrides)
+    if (config.tensor_model_parallel_size, config.pipeline_model_parallel_size) != (tp, pp):
+        raise LayoutError(
+            f"the config is for TP={config.tensor_model_parallel_size} x PP={config.pipeline_model_parallel_size}, "
+            f"the process groups are TP={tp} x PP={pp}"
+        )
+    if pg_collection is not None and pp > 1 and arch.tie_word_embeddings and pg_collection.embd is None:
+        raise LayoutError(
+            "tied embeddings over PP > 1 stages need pg_collection.embd (the first and last stage of each pipeline)"
+        )
     padded_vocab = padded_vocab or padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
     if padded_vocab % tp or padded_vocab < arch.vocab_size:
         raise LayoutError(
@@ -181,12 +228,13 @@ def build_model(
         transformer_layer_spec=layer_spec(arch),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings + arch.position_offset,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=is_pp_first_stage(pp_group),
+        post_process=is_pp_last_stage(pp_group),
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type=arch.position_embedding_type,
         rotary_base=arch.rotary_base,
+        pg_collection=pg_collection,
     )
     if arch.rope_scaling is not None:
         rope = model.rotary_pos_emb
