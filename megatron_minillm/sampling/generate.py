@@ -5,6 +5,12 @@ Every rank of a model-parallel group calls :func:`generate` with the same prompt
 data-parallel ranks call it with their own. Each step the last pipeline stage draws the tokens and
 broadcasts them to the other stages; the per-token log-probabilities stay on the last stage until
 the end, when they are broadcast once.
+
+The TP and PP groups are the model's own (``KVCacheDecoder`` reads the ``pg_collection`` megatron's
+GPTModel keeps), so a model built on an explicit layout samples over it with no extra argument; a
+teacher must share the student's layout, since a token is drawn from both models' vocabulary slices
+on the same ranks. The data-parallel group of :func:`generate_all` is an argument (a model does not
+know its replicas), megatron's global DP group by default.
 """
 
 from collections.abc import Sequence
@@ -16,7 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.inference import communication_utils as comm
 from torch import Tensor
 
-from megatron_minillm.sampling import vocab_parallel as vp
+from megatron_minillm.parallel.vocab import gather_ids
 from megatron_minillm.sampling.kv_cache import KVCacheDecoder
 from megatron_minillm.sampling.noise import sample_seeds
 from megatron_minillm.sampling.params import SamplingParams
@@ -79,6 +85,18 @@ def _check_inputs(
             f"student and teacher pad the vocabulary differently ({models[0].model.vocab_size} vs "
             f"{models[1].model.vocab_size}); convert both with the same --make-vocab-size-divisible-by"
         )
+    if len(models) == 2 and any(
+        _ranks(models[0], name) != _ranks(models[1], name) for name in ("tp_group", "pp_group")
+    ):
+        raise GenerationError(
+            "the teacher is built on another TP x PP layout than the student; sampling draws each token "
+            "from both models' vocabulary slices on the same ranks, so both need the same TP and PP groups"
+        )
+
+
+def _ranks(decoder: KVCacheDecoder, name: str) -> list[int]:
+    """The global ranks of one of a decoder's process groups."""
+    return dist.get_process_group_ranks(getattr(decoder, name))
 
 
 @torch.no_grad()
@@ -124,36 +142,39 @@ def _generate(
     batch, width = len(prompts), max(map(len, prompts), default=0)
     decoders = [KVCacheDecoder(m, batch, width + params.max_new_tokens) for m in modules]
     _check_inputs(prompts, seeds, params, decoders, vocab_size)
-    is_last = decoders[0].is_last
-    stop_ids = torch.tensor(params.stop_ids, dtype=torch.long)
+    student = decoders[0]
+    is_last, tp_group, pp_group, device = student.is_last, student.tp_group, student.pp_group, student.device
+    pipelined = dist.get_world_size(pp_group) > 1
+    stop_ids = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
+    seeds = seeds.to(device)
 
     # Left-padded prompts: positions count real tokens only, so every sample sees the same inputs
     # as it would alone (up to the rotary phase, which attention does not see).
-    tokens = torch.full((batch, width), pad_id, dtype=torch.long)
-    valid = torch.zeros(batch, width, dtype=torch.bool)
+    tokens = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, width - len(p) :] = torch.tensor(p)
+        tokens[i, width - len(p) :] = torch.tensor(p, device=device)
         valid[i, width - len(p) :] = True
     positions = (valid.cumsum(1) - 1).clamp(min=0)
     next_position = positions[:, -1] + 1
     logits = [d.forward(tokens, positions, valid) for d in decoders]
 
     ngrams = NoRepeatNGram(params.no_repeat_ngram_size, prompts) if params.no_repeat_ngram_size and is_last else None
-    done = torch.zeros(batch, dtype=torch.bool)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     out_tokens, out_mask, out_logps = [], [], []
     for step in range(params.max_new_tokens):
         if is_last:
             banned = ngrams.banned() if ngrams else [[] for _ in prompts]
             if step < params.min_new_tokens and params.stop_ids:
                 banned = [b + list(params.stop_ids) for b in banned]
-            logps = [processed_log_probs(z, params, vocab_size, banned) for z in logits]
+            logps = [processed_log_probs(z, params, vocab_size, banned, tp_group) for z in logits]
             mixed = mix(logps[0], logps[1] if len(logps) > 1 else None, params.mix_alpha)
-            ids = draw(mixed, seeds, step, params.greedy)
-            out_logps.append(torch.stack([vp.gather_ids(lp, ids) for lp in (*logps, mixed)]))
+            ids = draw(mixed, seeds, step, params.greedy, tp_group)
+            out_logps.append(torch.stack([gather_ids(lp, ids, tp_group) for lp in (*logps, mixed)]))
         else:
             ids = None
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            ids = comm.broadcast_from_last_pipeline_stage([batch], torch.long, ids)
+        if pipelined:
+            ids = comm.broadcast_from_last_pipeline_stage([batch], torch.long, ids, pp_group=pp_group)
         live = ~done
         ids = torch.where(live, ids, torch.full_like(ids, pad_id))
         out_tokens.append(ids)
@@ -163,14 +184,16 @@ def _generate(
             ngrams.append(ids.tolist())
         if bool(done.all()) or step + 1 == params.max_new_tokens:
             break
-        fed = torch.ones(batch, 1, dtype=torch.bool)  # finished rows feed padding that nobody reads
+        fed = torch.ones(batch, 1, dtype=torch.bool, device=device)  # finished rows feed padding that nobody reads
         logits = [d.forward(ids[:, None], next_position[:, None] + step, fed) for d in decoders]
 
     mask = torch.stack(out_mask, dim=1)
     num_logps = len(decoders) + 1
     logps = torch.stack(out_logps, dim=-1) if is_last else None  # [num_logps, b, T]
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        logps = comm.broadcast_from_last_pipeline_stage([num_logps, batch, mask.shape[1]], torch.float32, logps)
+    if pipelined:
+        logps = comm.broadcast_from_last_pipeline_stage(
+            [num_logps, batch, mask.shape[1]], torch.float32, logps, pp_group=pp_group
+        )
     logps = torch.where(mask, logps, torch.zeros_like(logps))
     return Rollout(
         prompts=prompts,
@@ -203,15 +226,18 @@ def generate_all(
     teacher: torch.nn.Module | None = None,
     pad_id: int = 0,
     progress: bool = False,
+    dp_group: dist.ProcessGroup | None = None,
 ) -> list[Sample]:
-    """Generate for a whole prompt set over the data-parallel ranks; every rank gets all samples.
+    """Generate for a whole prompt set over the data-parallel ranks of ``dp_group`` (None: megatron's
+    global DP group); every rank gets all samples. TP and PP groups are the models' own.
 
     Prompt i goes to DP rank i % DP with seed ``sample_seeds(seed, i)``; each rank batches its
     prompts by length (less padding), which changes no token, since a sample depends only on its seed.
     """
     from tqdm import tqdm
 
-    dp_group = parallel_state.get_data_parallel_group()
+    if dp_group is None:
+        dp_group = parallel_state.get_data_parallel_group()
     dp, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
     mine = sorted(range(dp_rank, len(prompts), dp), key=lambda i: len(prompts[i]))
     local: dict[int, Sample] = {}
