@@ -92,15 +92,17 @@ CONFIGS = {
         ),
     ),
 }
-# Batches and lengths shared by every config (TrainConfig names).
-RUN = dict(
-    micro_batch_size=4,
-    global_batch_size=8,
-    max_prompt_length=128,
-    max_length=256,
-    rollout_batch_size=16,
-    rollout_micro_batch_size=8,
-    ppo_epochs=1,
+# Batches and lengths shared by every config (config keys).
+RUN = (
+    "training.micro_batch_size=4",
+    "training.global_batch_size=8",
+    "training.max_prompt_length=128",
+    "training.max_length=256",
+    "rollout.batch_size=16",
+    "rollout.micro_batch_size=8",
+    "minillm.ppo_epochs=1",
+    "optimizer.lr=1e-4",
+    "optimizer.lr_warmup_iters=0",
 )
 PRECISE = "glibc.malloc.mmap_threshold=65536"
 PHASES = ("rollout", "score", "train")
@@ -178,66 +180,60 @@ def worker(name: str) -> None:
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
 
+    from megatron_minillm.algorithms import MiniLLM
+    from megatron_minillm.config import load_config
     from megatron_minillm.models import architecture_from_dict, build_model
     from megatron_minillm.parallel import init_distributed
     from megatron_minillm.planning import PlanConfig, plan_memory
     from megatron_minillm.training import trainer as trainer_module
-    from megatron_minillm.training.config import TrainConfig
     from megatron_minillm.training.optimizer import setup_model_and_optimizer
 
     spec = CONFIGS[name]
-    cfg = TrainConfig(
-        student="-",
-        teacher="-",
-        data="-",
-        pt_data="-",
-        tp=spec["tp"],
-        pp=spec["pp"],
-        dtype=spec["dtype"],
-        lr=1e-4,
-        lr_warmup_iters=0,
-        **RUN,
-    )
-    layout = init_distributed(tp=cfg.tp, pp=cfg.pp, seed=cfg.seed)
+    layout_keys = (f"parallel.tp={spec['tp']}", f"parallel.pp={spec['pp']}", f"training.dtype={spec['dtype']}")
+    cfg = load_config(None, ["student=-", "teacher=-", "data=-", "pt_data=-", *layout_keys, *RUN])
+    t_cfg, opt = cfg.training, cfg.optimizer
+    layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
     torch.set_num_threads(1)
     baseline = _status_kib("VmRSS")
     teacher_arch, student_arch = architecture_from_dict(spec["teacher"]), architecture_from_dict(spec["student"])
 
     t = trainer_module.Trainer.__new__(trainer_module.Trainer)  # the trainer's loop without checkpoints on disk
-    t.cfg, t.layout, t.dp = cfg, layout, layout.dp
+    t.cfg, t.layout, t.dp, t.device = cfg, layout, layout.dp, torch.device("cpu")
     t.dp_rank, t.is_last_stage = parallel_state.get_data_parallel_rank(), parallel_state.is_pipeline_last_stage()
-    t._check_batches()
+    t.dp_group = parallel_state.get_data_parallel_group()
     t.arch = student_arch
-    student = build_model(student_arch, dtype=cfg.dtype)
-    t.teacher = build_model(teacher_arch, dtype=cfg.dtype).eval().requires_grad_(False)
+    t.objective = MiniLLM(cfg, student_arch.vocab_size)
+    t._check_batches()
+    student = build_model(student_arch, dtype=t_cfg.dtype)
+    t.teacher = build_model(teacher_arch, dtype=t_cfg.dtype).eval().requires_grad_(False)
     t.model, t.optimizer, t.scheduler = setup_model_and_optimizer(
         student,
         OptimizerConfig(
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2,
-            clip_grad=cfg.clip_grad,
-            bf16=cfg.dtype == "bf16",
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            clip_grad=opt.clip_grad,
+            bf16=t_cfg.dtype == "bf16",
+            use_distributed_optimizer=opt.use_distributed_optimizer,
         ),
         train_iters=100,
     )
     vocab = student_arch.vocab_size
     assert student.vocab_size > vocab, "the EOS id must be a vocabulary-padding id"
     t.tokenizer = type("Tokenizer", (), {"pad_id": 0, "eos_id": vocab})()  # a padding id: never sampled
-    t.data = _Prompts(64, cfg.max_prompt_length, vocab)
-    t.pt_data = _Pretrain(64, cfg.max_length + 1, vocab)
-    t.timers, t.rollout_stats = trainer_module.Timers(), {}
+    t.data = _Prompts(64, t_cfg.max_prompt_length, vocab)
+    t.pt_data = _Pretrain(64, t_cfg.max_length + 1, vocab)
+    t.timers, t.sample_stats = trainer_module.Timers(), {}
 
-    t._minillm_iteration(0)  # warm-up: AdamW allocates its moments at the first step
+    t._on_policy_iteration(0)  # warm-up: AdamW allocates its moments at the first step
     # What the process holds beyond tensors (thread stacks, kernel code paged in on first use,
     # allocator and Python objects): RSS over the live tensors, after the warm-up and again as each
     # phase starts; the comparison subtracts it (benchmarks/README.md).
     overhead = (_status_kib("VmRSS") - baseline) * 1024 - _live_tensor_bytes()
 
     meter = PhaseMeter(baseline)
-    rollouts, score, train_step = t._rollouts, t._score_with_teacher, trainer_module.train_step
+    rollouts, score, train_step = t._rollouts, t._score, trainer_module.train_step
     seen: set = set()
 
     phase_overhead = {}
@@ -254,7 +250,7 @@ def worker(name: str) -> None:
 
     # Phases: rollouts; scoring (the rollouts, then the first step's L_PT micro-batches); training
     # (forward/backward, optimizer steps, and the L_PT scoring of later steps).
-    t._rollouts, t._score_with_teacher = first_call("rollout", rollouts), first_call("score", score)
+    t._rollouts, t._score = first_call("rollout", rollouts), first_call("score", score)
     in_steps = []  # non-tensor RSS at the start of every optimizer step (it grows within bf16 iterations)
 
     def each_step(*args, **kwargs):
@@ -262,22 +258,10 @@ def worker(name: str) -> None:
         return train_step(*args, **kwargs)
 
     trainer_module.train_step = first_call("train", each_step)
-    t._minillm_iteration(1)
+    t._on_policy_iteration(1)
     meter.mark(None)
 
-    plan_cfg = PlanConfig(
-        tp=cfg.tp,
-        pp=cfg.pp,
-        dp=layout.dp,
-        micro_batch_size=cfg.micro_batch_size,
-        global_batch_size=cfg.global_batch_size,
-        max_prompt_length=cfg.max_prompt_length,
-        max_length=cfg.max_length,
-        rollout_batch_size=cfg.rollout_batch_size,
-        rollout_micro_batch_size=cfg.rollout_micro_batch_size,
-        dtype=cfg.dtype,
-        distributed_optimizer=cfg.use_distributed_optimizer,
-    )
+    plan_cfg = PlanConfig.from_train(cfg, layout.dp)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     plan = next(b for b in plan_memory(teacher_arch, student_arch, plan_cfg) if b.stage == stage)
     ph = plan.phases

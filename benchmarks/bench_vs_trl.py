@@ -277,35 +277,35 @@ def our_overrides(work: Path, setting: str, lr: float) -> list[str]:
         f"student={work / 'student'}",
         f"teacher={work / 'teacher'}",
         f"data={work / 'data' / 'selfinst_train'}",
-        f"save={work / ('ours-' + setting)}",
-        "tp=1",
-        "pp=1",
+        f"checkpoint.save={work / ('ours-' + setting)}",
+        "parallel.tp=1",
+        "parallel.pp=1",
         f"seed={SEED}",
-        f"train_iters={STEPS}",
-        f"micro_batch_size={BATCH}",
-        f"global_batch_size={BATCH}",
-        f"rollout_batch_size={BATCH}",
-        f"rollout_micro_batch_size={BATCH}",
-        f"max_prompt_length={MAX_PROMPT}",
-        f"max_length={MAX_PROMPT + NEW_TOKENS}",
-        f"lr={lr}",
-        "lr_warmup_iters=0",
-        "lr_decay_style=constant",
-        "weight_decay=1e-6",
-        "adam_beta1=0.9",
-        "adam_beta2=0.95",
-        "clip_grad=1.0",
-        "dtype=fp32",
-        "teacher_cache_dtype=fp32",
-        "temperature=1.0",
-        "top_k=0",
-        "top_p=1.0",
-        "lm_coef=0",
-        "single_step=true",
+        f"training.train_iters={STEPS}",
+        f"training.micro_batch_size={BATCH}",
+        f"training.global_batch_size={BATCH}",
+        f"rollout.batch_size={BATCH}",
+        f"rollout.micro_batch_size={BATCH}",
+        f"training.max_prompt_length={MAX_PROMPT}",
+        f"training.max_length={MAX_PROMPT + NEW_TOKENS}",
+        f"optimizer.lr={lr}",
+        "optimizer.lr_warmup_iters=0",
+        "optimizer.lr_decay_style=constant",
+        "optimizer.weight_decay=1e-6",
+        "optimizer.adam_beta1=0.9",
+        "optimizer.adam_beta2=0.95",
+        "optimizer.clip_grad=1.0",
+        "training.dtype=fp32",
+        "training.teacher_cache_dtype=fp32",
+        "rollout.temperature=1.0",
+        "rollout.top_k=0",
+        "rollout.top_p=1.0",
+        "minillm.lm_coef=0",
+        "minillm.single_step=true",
     ]
     if setting == "equal":
-        return common + ["mix_alpha=0", "ppo_epochs=1", "policy_gradient=false"]
-    return common + ["mix_alpha=0.2", "ppo_epochs=4", "policy_gradient=true"]
+        return common + ["rollout.mix_alpha=0", "minillm.ppo_epochs=1", "minillm.policy_gradient=false"]
+    return common + ["rollout.mix_alpha=0.2", "minillm.ppo_epochs=4", "minillm.policy_gradient=true"]
 
 
 def worker_ours(work: Path, args: argparse.Namespace) -> dict:
@@ -313,7 +313,7 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import logging
 
-    from megatron_minillm.training.config import load_config
+    from megatron_minillm.config import load_config
     from megatron_minillm.training.trainer import Trainer
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -325,7 +325,7 @@ def worker_ours(work: Path, args: argparse.Namespace) -> dict:
     assert sorted(tuple(trainer.data[i][0].tolist()) for i in range(len(trainer.data))) == expected
 
     clock, steps = Clock(), []
-    trainer._loss = clock.wrap("loss forward", trainer._loss)
+    trainer.objective.loss = clock.wrap("loss forward", trainer.objective.loss)
     trainer.optimizer.step = clock.wrap("optimizer", trainer.optimizer.step)
     student_start = []
     trainer.model.register_forward_pre_hook(lambda *a: student_start.append(time.perf_counter()))

@@ -17,9 +17,11 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
+from megatron_minillm.data.micro_batch import MicroBatch
 from megatron_minillm.losses import masked_lm_loss
 from megatron_minillm.models import architecture_from_dict, build_model
 from megatron_minillm.parallel import destroy_distributed, init_distributed
+from megatron_minillm.platform import device
 
 TEXT = (
     "Knowledge distillation trains a small student model to imitate a large teacher. MiniLLM "
@@ -45,7 +47,7 @@ def llama_config(layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
     }
 
 
-def byte_batches(num: int, batch: int, seq: int, seed: int) -> list[dict]:
+def byte_batches(num: int, batch: int, seq: int, seed: int) -> list[MicroBatch]:
     """Micro-batches of byte windows from TEXT (same on every rank for a given seed)."""
     data = torch.tensor(list((TEXT * 8).encode()), dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
@@ -54,12 +56,13 @@ def byte_batches(num: int, batch: int, seq: int, seed: int) -> list[dict]:
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
         window = torch.stack([data[s : s + seq + 1] for s in starts.tolist()])
         out.append(
-            {
-                "tokens": window[:, :-1],
-                "labels": window[:, 1:],
-                "loss_mask": torch.ones(batch, seq),
-                "position_ids": torch.arange(seq).expand(batch, seq),
-            }
+            MicroBatch(
+                tokens=window[:, :-1].to(device()),
+                labels=window[:, 1:].to(device()),
+                loss_mask=torch.ones(batch, seq, device=device()),
+                position_ids=torch.arange(seq, device=device()).expand(batch, seq),
+                kind="lm",
+            )
         )
     return out
 
@@ -91,7 +94,7 @@ def main() -> None:
 
     def loss_func(vocab_size: int):
         def lm(batch, logits):
-            loss = masked_lm_loss(logits, batch["labels"], batch["loss_mask"], vocab_size)
+            loss = masked_lm_loss(logits, batch.labels, batch.loss_mask, vocab_size)
             return loss, {"lm loss": loss.detach().clone()}
 
         return lm

@@ -1,10 +1,11 @@
 """Distillation entry point: MiniLLM and the baselines, launched by torchrun or srun.
 
-    torchrun --nproc-per-node 8 -m megatron_minillm.train --config examples/minillm.yaml tp=2 pp=2
-    srun python -m megatron_minillm.train --config examples/minillm.yaml algorithm=kd lr=1e-5
+    torchrun --nproc-per-node 8 -m megatron_minillm.train --config examples/configs/minillm.yaml parallel.tp=2
+    srun python -m megatron_minillm.train --config examples/configs/kd.yaml optimizer.lr=1e-5
 
-Every field of ``training.config.TrainConfig`` can be set in the YAML file or as ``key=value``.
-The resolved config is logged. Exits with status 2 and one message on a configuration error.
+Every key below can be set in the YAML file (sections as mappings) or as ``key=value`` /
+``section.key=value`` after it. The resolved config is logged. Exits with status 2 and one message
+on a configuration error.
 """
 
 import argparse
@@ -14,16 +15,18 @@ import os
 import sys
 
 from megatron_minillm.checkpoint.dist_checkpoint import NotACheckpointError
+from megatron_minillm.config import ConfigError, describe, load_config
 from megatron_minillm.data import DatasetLayoutError, TokenizerError, TokenizerMismatchError
 from megatron_minillm.parallel import LayoutError, cli_exit_status
-from megatron_minillm.training.config import ConfigError, load_config
 from megatron_minillm.training.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config", help="YAML file of TrainConfig fields")
-    parser.add_argument("overrides", nargs="*", help="key=value, applied after the file")
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=describe(), formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file of config keys (examples/configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value or section.key=value, applied after the file")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")

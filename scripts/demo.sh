@@ -67,23 +67,26 @@ if [ ! -f "$OUT/data/done" ]; then
 fi
 
 # What every training run shares: the student, data, layout, lengths, logging (examples/configs/*.yaml
-# hold the rest of each recipe; key=value overrides them).
-COMMON=(data="$OUT/data/t0_train" tp="$TP" pp=1 dtype=fp32 max_prompt_length="$PROMPT_LEN" max_length="$MAX_LEN"
-        micro_batch_size=2 global_batch_size="$GLOBAL_BATCH" log_interval="$LOG_INTERVAL" save_interval=0)
+# hold the rest of each recipe; section.key=value overrides them).
+COMMON=(data="$OUT/data/t0_train" parallel.tp="$TP" parallel.pp=1 training.dtype=fp32
+        training.max_prompt_length="$PROMPT_LEN" training.max_length="$MAX_LEN" training.micro_batch_size=2
+        training.global_batch_size="$GLOBAL_BATCH" logging.log_interval="$LOG_INTERVAL" checkpoint.save_interval=0)
 
 step "4. SFT of the student on the T0 references ($SFT_ITERS steps)"
 trained "$OUT/sft" "$SFT_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/sft.yaml "${COMMON[@]}" \
-  student="$OUT/student" save="$OUT/sft" train_iters="$SFT_ITERS" lr=1e-4 min_lr=1e-5
+  student="$OUT/student" checkpoint.save="$OUT/sft" training.train_iters="$SFT_ITERS" optimizer.lr=1e-4 optimizer.min_lr=1e-5
 SFT="$(last_checkpoint "$OUT/sft")"
 
 step "5. MiniLLM from the SFT student ($MINILLM_ITERS rollout iterations of $ROLLOUTS samples)"
 trained "$OUT/minillm" "$MINILLM_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/minillm.yaml "${COMMON[@]}" \
-  student="$SFT" teacher="$OUT/teacher" pt_data="$OUT/data/pt_train" save="$OUT/minillm" train_iters="$MINILLM_ITERS" \
-  rollout_batch_size="$ROLLOUTS" rollout_micro_batch_size="$ROLLOUTS" ppo_epochs="$PPO_EPOCHS" lr=2e-5 lr_warmup_iters=0
+  student="$SFT" teacher="$OUT/teacher" pt_data="$OUT/data/pt_train" checkpoint.save="$OUT/minillm" \
+  training.train_iters="$MINILLM_ITERS" rollout.batch_size="$ROLLOUTS" rollout.micro_batch_size="$ROLLOUTS" \
+  minillm.ppo_epochs="$PPO_EPOCHS" optimizer.lr=2e-5 optimizer.lr_warmup_iters=0
 
 step "6. word-level KD from the SFT student ($KD_ITERS steps; the baseline)"
 trained "$OUT/kd" "$KD_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/kd.yaml "${COMMON[@]}" \
-  student="$SFT" teacher="$OUT/teacher" save="$OUT/kd" train_iters="$KD_ITERS" lr=2e-5 min_lr=2e-6
+  student="$SFT" teacher="$OUT/teacher" checkpoint.save="$OUT/kd" training.train_iters="$KD_ITERS" optimizer.lr=2e-5 \
+  optimizer.min_lr=2e-6
 
 step "7. evaluation on $EVAL_PROMPTS held-out SelfInst prompts, seeds $SEEDS"
 [ -f "$OUT/eval/results.md" ] || "${RUN[@]}" tools/evaluate.py --tp "$TP" --teacher "$OUT/teacher" \

@@ -1,12 +1,12 @@
 """Shared pieces of the parity tests: fixed micro-batches, the plain HF loss, logits comparison."""
 
-from functools import partial
-
 import torch
 from hf_zoo import VOCAB
 
 
-def micro_batches(num: int, batch: int = 2, seq: int = 16, seed: int = 1, vocab: int = VOCAB) -> list[dict]:
+def micro_batches(num: int, batch: int = 2, seq: int = 16, seed: int = 1, vocab: int = VOCAB) -> list:
+    from megatron_minillm.data.micro_batch import MicroBatch
+
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(num):
@@ -14,23 +14,24 @@ def micro_batches(num: int, batch: int = 2, seq: int = 16, seed: int = 1, vocab:
         loss_mask = torch.ones(batch, seq)
         loss_mask[0, :3] = 0  # a prompt-like span that carries no loss
         out.append(
-            {
-                "tokens": tokens[:, :-1],
-                "labels": tokens[:, 1:],
-                "loss_mask": loss_mask,
-                "position_ids": torch.arange(seq).expand(batch, seq),
-            }
+            MicroBatch(
+                tokens=tokens[:, :-1],
+                labels=tokens[:, 1:],
+                loss_mask=loss_mask,
+                position_ids=torch.arange(seq).expand(batch, seq),
+                kind="lm",
+            )
         )
     return out
 
 
-def hf_loss(hf: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
+def hf_loss(hf: torch.nn.Module, batches: list) -> torch.Tensor:
     """Mean over micro-batches of the token-mean CE, written plainly with HF logits."""
     losses = []
     for b in batches:
-        logits = hf(b["tokens"]).logits
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none")
-        losses.append((ce * b["loss_mask"]).sum() / b["loss_mask"].sum())
+        logits = hf(b.tokens).logits
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b.labels, reduction="none")
+        losses.append((ce * b.loss_mask).sum() / b.loss_mask.sum())
     return torch.stack(losses).mean()
 
 
@@ -38,20 +39,18 @@ def lm_loss_func(vocab_size: int, seen: list | None = None):
     """A schedule loss function (masked LM loss) that can also keep the masked logits it saw."""
     from megatron_minillm.losses import masked_lm_loss
     from megatron_minillm.models import mask_padded_vocab
-    from megatron_minillm.training.schedule import at_logit_positions
 
     def loss_func(batch, logits):
         if seen is not None:
             seen.append(mask_padded_vocab(logits.detach(), vocab_size))
-        pick = partial(at_logit_positions, batch)
-        loss = masked_lm_loss(logits, pick(batch["labels"]), pick(batch["loss_mask"]), vocab_size)
+        loss = masked_lm_loss(logits, batch.pick(batch.labels), batch.pick(batch.loss_mask), vocab_size)
         return loss, {"lm loss": loss.detach().clone()}
 
     return loss_func
 
 
 def assert_logits_match_hf(
-    model, batches: list[dict], ref_logits: list[torch.Tensor], vocab_size: int, atol: float, what: str
+    model, batches: list, ref_logits: list[torch.Tensor], vocab_size: int, atol: float, what: str
 ) -> None:
     """Forward ``batches`` through the pipeline; on the last stage compare this TP rank's vocab
     slice with the HF logits, and check that padded entries are -inf."""

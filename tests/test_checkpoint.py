@@ -52,7 +52,7 @@ def _round_trip(hf_dirs: dict[str, Path], work: Path) -> None:
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
         batches = micro_batches(1)
-        ref = [hf(b["tokens"]).logits.detach() for b in batches]
+        ref = [hf(b.tokens).logits.detach() for b in batches]
         for tp, pp in LAYOUTS:
             init_distributed(tp=tp, pp=pp)
             model, arch, _ = load_model(ckpt)

@@ -61,7 +61,7 @@ def _convert_and_compare(hf_dir: Path, work: Path) -> dict[str, list[list[int]]]
 
     batches = _prompt_batches(hf_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
-    ref = [hf(b["tokens"]).logits.detach() for b in batches]
+    ref = [hf(b.tokens).logits.detach() for b in batches]
     eos = transformers.AutoTokenizer.from_pretrained(hf_dir).eos_token_id
     del hf
     greedy = {}

@@ -1,13 +1,11 @@
-"""MiniLLM's policy-gradient terms and the trainer config, against hand-computed numbers."""
+"""MiniLLM's terms against hand-computed numbers, and its objective's loss with and without the PPO term."""
 
 import math
 
-import pytest
 import torch
 from harness import run_distributed
 
 from megatron_minillm.algorithms import minillm
-from megatron_minillm.training.config import ConfigError, load_config
 
 
 def test_rewards_returns_length_normalisation_and_whitening_by_hand():
@@ -41,59 +39,42 @@ def test_ppo_clipped_loss_by_hand():
     assert minillm.ppo_clipped_loss(log_q, log_q_old, weight, adv, torch.zeros(1, 3)).abs().sum() == 0
 
 
-def test_config_file_overrides_and_errors(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("algorithm: kd\nstudent: s\nteacher: t\ndata: d\nlr: 1e-5\n")
-    cfg = load_config(str(path), ["tp=2", "lr=2e-5", "length_norm=false", "pt_data=null"])
-    assert (cfg.algorithm, cfg.tp, cfg.lr, cfg.length_norm, cfg.pt_data) == ("kd", 2, 2e-5, False, None)
-    with pytest.raises(ConfigError, match=r"unknown config keys \['learning_rate'\]"):
-        load_config(str(path), ["learning_rate=1"])
-    with pytest.raises(ConfigError, match="tp: expected int, got 'two'"):
-        load_config(str(path), ["tp=two"])
-    with pytest.raises(ConfigError, match="algorithm kd needs a teacher"):
-        load_config(str(path), ["teacher=null"])
-    with pytest.raises(ConfigError, match="algorithm 'ppo' is not one of"):
-        load_config(str(path), ["algorithm=ppo"])
-    with pytest.raises(ConfigError, match="policy_gradient=false and single_step=false"):
-        load_config(str(path), ["algorithm=minillm", "policy_gradient=false", "single_step=false"])
-
-
 def _minillm_loss_with_and_without_policy_gradient():
-    """The trainer's MiniLLM loss on one micro-batch with policy_gradient on and off, and the
+    """The MiniLLM objective's loss on one micro-batch with policy_gradient on and off, and the
     single-step reverse KL alone (token mean), with their gradients on the student logits."""
-    from types import SimpleNamespace
-
+    from megatron_minillm.algorithms import MiniLLM
+    from megatron_minillm.config import MiniLLMConfig, TrainConfig
+    from megatron_minillm.data.micro_batch import MicroBatch
     from megatron_minillm.losses import reverse_kl
     from megatron_minillm.parallel import init_distributed
-    from megatron_minillm.training.config import TrainConfig
-    from megatron_minillm.training.trainer import Trainer
 
     init_distributed()
     gen = torch.Generator().manual_seed(0)
     b, s, v = 2, 5, 11
     mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float32)
-    batch = {
-        "kind": "minillm",
-        "loss_mask": mask,
-        "scale": 1.0 / mask.sum().item(),
-        "labels": torch.randint(v, (b, s), generator=gen),
-        "teacher_logits": torch.randn(b, s, v, generator=gen),
-        "log_q_old": -1 - torch.rand(b, s, generator=gen),
-        "weight": torch.ones(b, s),
-        "advantages": torch.randn(b, s, generator=gen),
-    }
+    labels = torch.randint(v, (b, s), generator=gen)
+    batch = MicroBatch(
+        tokens=labels,
+        labels=labels,
+        loss_mask=mask,
+        position_ids=torch.arange(s).expand(b, s),
+        kind="minillm",
+        loss_scale=1.0 / mask.sum().item(),
+        teacher_logits=torch.randn(b, s, v, generator=gen),
+        log_q_old=-1 - torch.rand(b, s, generator=gen),
+        importance_weight=torch.ones(b, s),
+        advantages=torch.randn(b, s, generator=gen),
+    )
     student = torch.randn(b, s, v, generator=gen)
     out = {}
     for pg in (True, False):
-        trainer = Trainer.__new__(Trainer)  # only _loss is exercised: it reads cfg and arch.vocab_size
-        trainer.cfg = TrainConfig(student="s", teacher="t", data="d", policy_gradient=pg)
-        trainer.arch = SimpleNamespace(vocab_size=v)
+        objective = MiniLLM(TrainConfig(teacher="t", minillm=MiniLLMConfig(policy_gradient=pg)), vocab_size=v)
         logits = student.clone().requires_grad_()
-        loss, metrics = trainer._loss(dict(batch), logits)
+        loss, metrics = objective.loss(batch, logits)
         loss.backward()
         out[pg] = (loss.detach(), sorted(metrics), logits.grad)
     logits = student.clone().requires_grad_()
-    rkl = (reverse_kl(logits, batch["teacher_logits"], mask, vocab_size=v) * mask).sum() / mask.sum()
+    rkl = (reverse_kl(logits, batch.teacher_logits, mask, vocab_size=v) * mask).sum() / mask.sum()
     rkl.backward()
     return out, (rkl.detach(), logits.grad)
 

@@ -33,7 +33,7 @@ def _parity(family: str) -> list[str]:
     arch = architecture_from_dict(hf.config.to_dict())
     full = hf_to_mcore(arch, strict_getter(hf.state_dict(), "HF model"))
     batches = micro_batches(2)
-    ref_logits = [hf(b["tokens"]).logits.detach() for b in batches]
+    ref_logits = [hf(b.tokens).logits.detach() for b in batches]
     hf.zero_grad()
     hf_loss(hf, batches).backward()
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}

@@ -4,11 +4,11 @@ How close its peak is to measured memory is benchmarks/bench_plan_memory.py's jo
 """
 
 import json
-from dataclasses import replace
 
 import pytest
 from harness import run_distributed, run_tool
 
+from megatron_minillm.config import load_config
 from megatron_minillm.models import architecture_from_dict
 from megatron_minillm.parallel import LayoutError
 from megatron_minillm.planning import (
@@ -20,6 +20,12 @@ from megatron_minillm.planning import (
     stage_parameters,
     suggest_layouts,
 )
+
+
+def plan(*overrides: str, dp: int = 1, pt_data: bool = True) -> PlanConfig:
+    """The plan of the training config's defaults with ``section.key=value`` overrides."""
+    return PlanConfig(load_config(None, overrides, require_paths=False), dp=dp, pt_data=pt_data)
+
 
 LLAMA = dict(
     model_type="llama",
@@ -77,23 +83,19 @@ def test_parameter_and_buffer_counts_equal_built_models():
         for name, cfg in configs.items():
             expected = sum(stage_parameters(architecture_from_dict(cfg), 2, 2, r["stage"]).values())
             assert r[name] == expected, (name, r["stage"], r[name], expected)
-        plan = PlanConfig(
-            tp=2,
-            pp=2,
-            dp=1,
-            micro_batch_size=1,
-            global_batch_size=1,
-            max_prompt_length=8,
-            max_length=16,
-            rollout_batch_size=1,
-            rollout_micro_batch_size=1,
-            dtype="fp32",
+        sft = plan(
+            "algorithm=sft",
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "training.micro_batch_size=1",
+            "training.global_batch_size=1",
+            "training.max_prompt_length=8",
+            "training.max_length=16",
+            "rollout.batch_size=1",
+            "rollout.micro_batch_size=1",
+            "training.dtype=fp32",
         )
-        stage = next(
-            b
-            for b in plan_memory(None, architecture_from_dict(LLAMA), replace(plan, algorithm="sft"))
-            if b.stage == r["stage"]
-        )
+        stage = next(b for b in plan_memory(None, architecture_from_dict(LLAMA), sft) if b.stage == r["stage"])
         assert r["grad_dtype"] == "torch.float32"
         assert stage.terms["student grads (fp32 DDP buffer)"] == 4 * r["buffer"]
 
@@ -116,13 +118,13 @@ def test_known_model_sizes():
 
 def test_terms_scale_as_documented():
     teacher, student = resolve_model("llama-13b"), resolve_model("llama-7b")
-    cfg = PlanConfig(tp=4, pp=1, dp=2, dtype="bf16")
-    (b,) = plan_memory(teacher, student, cfg)
+    layout = ("parallel.tp=4", "training.dtype=bf16")
+    (b,) = plan_memory(teacher, student, plan(*layout, dp=2))
     n = sum(stage_parameters(student, 4, 1, 0).values())
     assert b.terms["student weights"] == 2 * n
     # bf16: fp32 main params + 2 fp32 moments = 12 B/param over DP=2 (the padded buffer)
     assert b.terms["optimizer state"] == pytest.approx(12 * n / 2, rel=1e-4)
-    (no_dist,) = plan_memory(teacher, student, replace(cfg, distributed_optimizer=False))
+    (no_dist,) = plan_memory(teacher, student, plan(*layout, "optimizer.use_distributed_optimizer=false", dp=2))
     assert no_dist.terms["optimizer state"] == pytest.approx(2 * b.terms["optimizer state"], rel=1e-4)
     # the rollout cache: rollout_batch / DP x response positions (max_length - max_prompt_length) x V/TP x 2
     # bytes (V padded to a multiple of 128 x TP); the L_PT step cache: every position of global_batch / DP
@@ -136,13 +138,16 @@ def test_terms_scale_as_documented():
     # vocabulary, narrow hidden), no L_PT, an fp32 cache (its bf16 copy counts too): the MiniLLM
     # micro-batch's loss sets the logits peak either way.
     smol = resolve_model("smollm2-135m")
-    pg = replace(cfg, tp=1, pt_data=False, teacher_cache_dtype="fp32")
-    on, off = (plan_memory(smol, smol, replace(pg, policy_gradient=flag))[0] for flag in (True, False))
+    pg = ("training.dtype=bf16", "training.teacher_cache_dtype=fp32")
+    on, off = (
+        plan_memory(smol, smol, plan(*pg, f"minillm.policy_gradient={flag}", dp=2, pt_data=False))[0]
+        for flag in (True, False)
+    )
     assert on.terms["logits + loss gradients"] - off.terms["logits + loss gradients"] == 4 * 256 * 49152 * 2
-    (rc,) = plan_memory(teacher, student, replace(cfg, recompute=True))
+    (rc,) = plan_memory(teacher, student, plan(*layout, "training.recompute=true", dp=2))
     assert rc.terms["activations (train, in flight)"] < b.terms["activations (train, in flight)"] / 5
     # PP=2: the first stage holds 2 micro-batches in flight (1F1B), the last stage the logits and cache
-    stages = {x.stage: x for x in plan_memory(teacher, student, replace(cfg, pp=2, dp=1))}
+    stages = {x.stage: x for x in plan_memory(teacher, student, plan(*layout, "parallel.pp=2"))}
     assert stages[1].terms["teacher logits cache (rollouts)"] > 0 == stages[0].terms["teacher logits cache (rollouts)"]
     assert stages[0].terms["logits + loss gradients"] == 0 < stages[1].terms["logits + loss gradients"]
     assert (
@@ -158,8 +163,12 @@ def test_layout_suggestions_respect_divisibility_and_memory():
             dict(LLAMA, num_attention_heads=9, num_key_value_heads=3, hidden_size=72, num_hidden_layers=6)
         ),
     )
-    cfg = PlanConfig(
-        global_batch_size=96, micro_batch_size=1, rollout_batch_size=96, max_length=256, max_prompt_length=128
+    cfg = plan(
+        "training.global_batch_size=96",
+        "training.micro_batch_size=1",
+        "rollout.batch_size=96",
+        "training.max_length=256",
+        "training.max_prompt_length=128",
     )
     layouts = suggest_layouts(teacher, student, cfg, nodes=2, gpus_per_node=6, gpu_memory_bytes=80 * 2**30)
     assert layouts and {x.tp for x in layouts} <= {1, 3}  # 9 heads, 3 KV heads; TP within a node of 6
@@ -171,7 +180,7 @@ def test_layout_suggestions_respect_divisibility_and_memory():
     tight = suggest_layouts(teacher, student, cfg, nodes=2, gpus_per_node=6, gpu_memory_bytes=layouts[0].peak_bytes)
     assert all(x.peak_bytes <= 0.9 * layouts[0].peak_bytes for x in tight) and layouts[0] not in tight
     with pytest.raises(LayoutError, match="TP=2 does not divide the 9 attention heads"):
-        plan_memory(teacher, student, replace(cfg, tp=2))
+        plan_memory(teacher, student, cfg.at_layout(2, 1, 1))
     with pytest.raises(PlanError, match="known names: gpt2"):
         resolve_model("llama-8b")
 
@@ -195,7 +204,7 @@ def test_cli(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert out["layout"]["dp"] == 2 and out["config"]["rollout_batch_size"] == 256  # from the YAML
+    assert out["layout"]["dp"] == 2 and out["config"]["train"]["rollout"]["batch_size"] == 256  # from the YAML
     assert out["suggestions"] and all(s["peak_bytes"] <= 0.9 * 80 * 2**30 for s in out["suggestions"])
     (tmp_path / "config.json").write_text(json.dumps(GPT2))
     done = run_tool(

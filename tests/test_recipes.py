@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from harness import ROOT
 
+from megatron_minillm.config import load_config
 from megatron_minillm.models import architecture_from_dict, check_layout, padded_vocab_size
 from megatron_minillm.parallel import ParallelLayout
-from megatron_minillm.training.config import load_config
 
 RECIPES = ROOT / "examples" / "recipes"
 DATA = ROOT / "examples" / "data"
@@ -153,19 +153,20 @@ def test_recipe_layouts_fit_the_real_models(recipe):
         ("minillm.yaml", [teacher_name, *students]),
     ):
         cfg = load_config(str(folder / config))
-        layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, world_size=world)
+        t, opt, rollout, m = cfg.training, cfg.optimizer, cfg.rollout, cfg.minillm
+        layout = ParallelLayout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, world_size=world)
         for name in models:
             check_layout(arch[name], layout.tp, layout.pp)
-        assert cfg.global_batch_size % (cfg.micro_batch_size * layout.dp) == 0, (config, layout)
-        assert cfg.dtype == "bf16" and cfg.max_length == 512 and cfg.max_prompt_length == 256
+        assert t.global_batch_size % (t.micro_batch_size * layout.dp) == 0, (config, layout)
+        assert t.dtype == "bf16" and t.max_length == 512 and t.max_prompt_length == 256
         if cfg.algorithm == "minillm":
-            assert cfg.rollout_batch_size == 256 and cfg.global_batch_size == 64 and cfg.ppo_epochs == 4
-            assert cfg.rollout_batch_size % layout.dp == 0 and cfg.rollout_batch_size % cfg.global_batch_size == 0
+            assert rollout.batch_size == 256 and t.global_batch_size == 64 and m.ppo_epochs == 4
+            assert rollout.batch_size % layout.dp == 0 and rollout.batch_size % t.global_batch_size == 0
             # LMOps: 5000 optimizer steps of 64 samples, lr 5e-6 after 100 warmup steps, cosine for LLaMA
-            steps = cfg.train_iters * cfg.ppo_epochs * cfg.rollout_batch_size // cfg.global_batch_size
-            assert 4950 <= steps <= 5050 and cfg.lr == 5e-6 and cfg.lr_warmup_iters == 100
-            assert cfg.lr_decay_style == ("cosine" if "llama" in recipe else "constant")
-            assert (cfg.mix_alpha, cfg.kd_ratio, cfg.lm_coef, cfg.reward_scaling, cfg.length_norm) == (
+            steps = t.train_iters * m.ppo_epochs * rollout.batch_size // t.global_batch_size
+            assert 4950 <= steps <= 5050 and opt.lr == 5e-6 and opt.lr_warmup_iters == 100
+            assert opt.lr_decay_style == ("cosine" if "llama" in recipe else "constant")
+            assert (rollout.mix_alpha, cfg.kd.kd_ratio, m.lm_coef, m.reward_scaling, m.length_norm) == (
                 0.2,
                 0.5,
                 1.0,
@@ -173,8 +174,8 @@ def test_recipe_layouts_fit_the_real_models(recipe):
                 True,
             )
         else:
-            assert cfg.algorithm == "sft" and cfg.global_batch_size == 32 and cfg.weight_decay == 1e-2
-            assert cfg.lr_decay_style == "cosine" and cfg.lr_warmup_iters == 0
+            assert cfg.algorithm == "sft" and t.global_batch_size == 32 and opt.weight_decay == 1e-2
+            assert opt.lr_decay_style == "cosine" and opt.lr_warmup_iters == 0
 
     # Conversion: one TP for both models (same padded vocabulary), pipeline stages dividing the layers.
     convert = folder / "convert.sbatch"
@@ -182,7 +183,7 @@ def test_recipe_layouts_fit_the_real_models(recipe):
     padded = {padded_vocab_size(arch[name].vocab_size, tp) for name in arch}
     assert len(padded) == 1, padded
     for config in ("sft_teacher.yaml", "sft.yaml", "minillm.yaml"):
-        assert next(iter(padded)) % load_config(str(folder / config)).tp == 0, config
+        assert next(iter(padded)) % load_config(str(folder / config)).parallel.tp == 0, config
     for name, tasks in (
         (teacher_name, _default(convert, "TEACHER_TASKS")),
         *((s, _default(convert, "STUDENT_TASKS")) for s in students),
@@ -512,9 +513,12 @@ def _sbatch(cluster: dict, recipe: str, script: str, *args: str, **env: str) -> 
 
 # Small runs: 2 processes, short sequences, 1 iteration of 4 rollouts; the layout is set per recipe.
 TINY = (
-    "train_iters=1 max_prompt_length=40 max_length=48 global_batch_size=4 micro_batch_size=2 dtype=fp32 save_interval=0"
+    "training.train_iters=1 training.max_prompt_length=40 training.max_length=48 training.global_batch_size=4 "
+    "training.micro_batch_size=2 training.dtype=fp32 checkpoint.save_interval=0"
 )
-TINY_MINILLM = TINY + " rollout_batch_size=4 rollout_micro_batch_size=4 ppo_epochs=1 lr_warmup_iters=0"
+TINY_MINILLM = (
+    TINY + " rollout.batch_size=4 rollout.micro_batch_size=4 minillm.ppo_epochs=1 optimizer.lr_warmup_iters=0"
+)
 
 
 def _iterations(stdout: str) -> list[str]:

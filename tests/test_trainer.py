@@ -79,14 +79,14 @@ def _train_args(setup: dict[str, Path], *overrides: str) -> list[str]:
         f"teacher={setup['teacher']}",
         f"data={setup['data']}",
         f"pt_data={setup['pt']}",
-        "max_prompt_length=64",
-        "max_length=96",
-        "rollout_batch_size=8",
-        "rollout_micro_batch_size=8",
-        "global_batch_size=4",
-        "micro_batch_size=2",
-        "lr=1e-3",
-        "lr_warmup_iters=0",
+        "training.max_prompt_length=64",
+        "training.max_length=96",
+        "rollout.batch_size=8",
+        "rollout.micro_batch_size=8",
+        "training.global_batch_size=4",
+        "training.micro_batch_size=2",
+        "optimizer.lr=1e-3",
+        "optimizer.lr_warmup_iters=0",
         *overrides,
     ]
 
@@ -107,7 +107,12 @@ def _iterations(stdout: str) -> list[dict[str, float]]:
 def test_minillm_at_tp2_pp2_dp2_equals_one_process(setup):
     runs = {}
     for nproc, tp, pp in ((8, 2, 2), (0, 1, 1)):
-        done = run_tool(*_train_args(setup, f"tp={tp}", f"pp={pp}", "train_iters=2", "ppo_epochs=2"), nproc=nproc)
+        done = run_tool(
+            *_train_args(
+                setup, f"parallel.tp={tp}", f"parallel.pp={pp}", "training.train_iters=2", "minillm.ppo_epochs=2"
+            ),
+            nproc=nproc,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         runs[tp] = _iterations(done.stdout)
     assert (
@@ -131,7 +136,9 @@ def test_minillm_at_tp2_pp2_dp2_equals_one_process(setup):
 
 @pytest.mark.parametrize("algorithm", ["sft", "kd", "seqkd", "rkl_offpolicy"])
 def test_baselines_train(setup, algorithm):
-    done = run_tool(*_train_args(setup, f"algorithm={algorithm}", "train_iters=3"))  # TP paths: the tests above
+    done = run_tool(
+        *_train_args(setup, f"algorithm={algorithm}", "training.train_iters=3")
+    )  # TP paths: the tests above
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _iterations(done.stdout)
     key = {"sft": "lm loss", "kd": "kd loss", "seqkd": "lm loss", "rkl_offpolicy": "rkl loss"}[algorithm]
@@ -147,14 +154,14 @@ def _model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_kill_9_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
-    args = _train_args(setup, "train_iters=6", "ppo_epochs=1", "save_interval=3")
-    straight = run_tool(*args, f"save={tmp_path / 'straight'}")
+    args = _train_args(setup, "training.train_iters=6", "minillm.ppo_epochs=1", "checkpoint.save_interval=3")
+    straight = run_tool(*args, f"checkpoint.save={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     resumed = tmp_path / "resumed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     proc = subprocess.Popen(
-        [sys.executable, *args, f"save={resumed}"],
+        [sys.executable, *args, f"checkpoint.save={resumed}"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -167,7 +174,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run, right after the save of iteration 3
     proc.wait()
     assert (resumed / "latest").read_text().strip() == "3"
-    again = run_tool(*args, f"save={resumed}")
+    again = run_tool(*args, f"checkpoint.save={resumed}")
     assert again.returncode == 0, again.stderr[-3000:]
     rows_straight, rows_again = _iterations(straight.stdout), _iterations(again.stdout)
     assert len(rows_again) == 3 and rows_again == rows_straight[3:]
@@ -179,15 +186,15 @@ def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(setup, tmp_path)
     runs = {
         "minillm": [
             "algorithm=minillm",
-            "train_iters=30",
-            "rollout_batch_size=8",
-            "global_batch_size=8",
-            "ppo_epochs=1",
+            "training.train_iters=30",
+            "rollout.batch_size=8",
+            "training.global_batch_size=8",
+            "minillm.ppo_epochs=1",
         ],
-        "sft": ["algorithm=sft", "train_iters=40", "global_batch_size=8"],
+        "sft": ["algorithm=sft", "training.train_iters=40", "training.global_batch_size=8"],
     }
     for name, overrides in runs.items():
-        done = run_tool(*_train_args(setup, *overrides, f"save={tmp_path / name}"))
+        done = run_tool(*_train_args(setup, *overrides, f"checkpoint.save={tmp_path / name}"))
         assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "eval"
     done = run_tool(
@@ -230,25 +237,25 @@ def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(setup, tmp_path)
 # training code was reorganised into objectives (issue 17): the reorganisation must not change them.
 LOGGED_NUMBERS = Path(__file__).parent / "data" / "logged_numbers_tp2pp2.json"
 FIXED_RUNS = {
-    "minillm": ["train_iters=2", "ppo_epochs=2"],
-    "sft": ["train_iters=3"],
-    "kd": ["train_iters=3"],
-    "seqkd": ["train_iters=3"],
-    "rkl_offpolicy": ["train_iters=3"],
+    "minillm": ["training.train_iters=2", "minillm.ppo_epochs=2"],
+    "sft": ["training.train_iters=3"],
+    "kd": ["training.train_iters=3"],
+    "seqkd": ["training.train_iters=3"],
+    "rkl_offpolicy": ["training.train_iters=3"],
 }
 
 
 def _logged_numbers(setup: dict[str, Path]) -> dict[str, list[dict[str, float]]]:
     from megatron.core import parallel_state
 
-    from megatron_minillm.training.config import load_config
+    from megatron_minillm.config import load_config
     from megatron_minillm.training.trainer import Trainer
 
     out = {}
     for algorithm, overrides in FIXED_RUNS.items():
-        args = _train_args(setup, f"algorithm={algorithm}", "tp=2", "pp=2", *overrides)
+        args = _train_args(setup, f"algorithm={algorithm}", "parallel.tp=2", "parallel.pp=2", *overrides)
         trainer = Trainer(load_config(None, [a for a in args if "=" in a]))
-        out[algorithm] = [trainer.iteration(i) for i in range(trainer.cfg.train_iters)]
+        out[algorithm] = [trainer.iteration(i) for i in range(trainer.cfg.training.train_iters)]
         parallel_state.destroy_model_parallel()
     return out
 

@@ -46,10 +46,10 @@ def _train(family: str) -> list[list[float]]:
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_minillm.checkpoint.hf_mapping import hf_to_mcore, load_full_tensors, strict_getter
+    from megatron_minillm.data.micro_batch import logit_positions
     from megatron_minillm.models import architecture_from_dict, build_model
     from megatron_minillm.parallel import init_distributed
     from megatron_minillm.training import setup_model_and_optimizer, train_step
-    from megatron_minillm.training.schedule import logit_positions
 
     hf = hf_model(family)
     arch = architecture_from_dict(hf.config.to_dict())
@@ -83,7 +83,7 @@ def _train(family: str) -> list[list[float]]:
         for batches in per_step:
             mine = batches[dp_rank :: layout.dp]
             if at_positions:
-                mine = [{**b, "logit_positions": logit_positions(b["loss_mask"])} for b in mine]
+                mine = [b.replace(logit_positions=logit_positions(b.loss_mask)) for b in mine]
             metrics, _ = train_step(ddp, optimizer, scheduler, mine, lm_loss_func(arch.vocab_size))
             local = torch.tensor([sum(m["lm loss"].item() for m in metrics) / len(mine) if metrics else 0.0])
             # Mean over DP of the last stage's losses (other stages report nothing).
@@ -127,18 +127,15 @@ def test_optimizer_steps_match_unsharded_adamw():
         assert losses[-1] < losses[0], "the loss should go down over the steps"
 
 
-def _trainer_loss_at_positions() -> None:
-    """Trainer._loss of every kind: compact logits [1, n, V/TP] with picked per-token tensors give the
-    loss, metrics and logit gradients of the full [b, s, V/TP] logits (TP=2: vocab slices)."""
-    import dataclasses
-    from types import SimpleNamespace
-
+def _objective_losses_at_positions() -> None:
+    """Every objective's loss on every batch kind: compact logits [1, n, V/TP] with picked per-token
+    tensors give the loss, metrics and logit gradients of the full [b, s, V/TP] logits (TP=2: vocab slices)."""
     from megatron.core import parallel_state
 
+    from megatron_minillm.algorithms import OBJECTIVES
+    from megatron_minillm.config import TrainConfig
+    from megatron_minillm.data.micro_batch import MicroBatch, logit_positions
     from megatron_minillm.parallel import init_distributed
-    from megatron_minillm.training.config import TrainConfig
-    from megatron_minillm.training.schedule import logit_positions, scatter_logit_positions
-    from megatron_minillm.training.trainer import Trainer
 
     init_distributed(tp=2, pp=1)
     rank, vocab, padded, (b, s) = parallel_state.get_tensor_model_parallel_rank(), 50, 64, (3, 10)
@@ -147,35 +144,37 @@ def _trainer_loss_at_positions() -> None:
     mask = torch.zeros(b, s)
     for row, (start, end) in enumerate(((2, 9), (0, 4), (5, 10))):
         mask[row, start:end] = 1
-    per_token = {name: torch.rand(b, s, generator=gen) * mask for name in ("log_q_old", "weight", "advantages")}
+    per_token = {
+        name: torch.rand(b, s, generator=gen) * mask for name in ("log_q_old", "importance_weight", "advantages")
+    }
     per_token["log_q_old"] = per_token["log_q_old"].log()
     tokens, labels = torch.randint(0, vocab, (2, b, s), generator=gen)
-    base = {"tokens": tokens, "labels": labels, "loss_mask": mask, "scale": 0.37, **per_token}
     positions = logit_positions(mask)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # without the path checks
-    picked = {"tokens": tokens, "logit_positions": positions}
-    assert torch.equal(scatter_logit_positions(picked, labels.flatten()[positions][None]), labels * mask.long())
-    for kind in ("minillm", "kd", "sft", "rkl_offpolicy"):
-        cfg = SimpleNamespace(**{**defaults, "algorithm": kind, "lm_coef": 1.0})
-        stub = SimpleNamespace(cfg=cfg, arch=SimpleNamespace(vocab_size=vocab))
-        full_logits = student.clone().requires_grad_()
-        loss, metrics = Trainer._loss(stub, {**base, "kind": kind, "teacher_logits": teacher}, full_logits)
-        loss.backward()
-        compact_logits = student.flatten(0, 1)[positions][None].clone().requires_grad_()
-        compact = {
-            **base,
-            "kind": kind,
-            "teacher_logits": teacher.flatten(0, 1)[positions][None],
-            "logit_positions": positions,
-        }
-        loss_c, metrics_c = Trainer._loss(stub, compact, compact_logits)
-        loss_c.backward()
-        torch.testing.assert_close(loss_c, loss, msg=lambda m: f"{kind}: {m}")
-        assert metrics_c.keys() == metrics.keys() and len(metrics) >= 1
-        torch.testing.assert_close(compact_logits.grad[0], full_logits.grad.flatten(0, 1)[positions])
-        assert full_logits.grad.flatten(0, 1)[mask.flatten() == 0].abs().max() == 0
+    full = MicroBatch(tokens, labels, mask, torch.arange(s).expand(b, s), "", loss_scale=0.37, **per_token)
+    assert torch.equal(
+        full.replace(logit_positions=positions).scatter(labels.flatten()[positions][None]), labels * mask.long()
+    )
+    seen = set()
+    for name, objective_class in OBJECTIVES.items():
+        objective = objective_class(TrainConfig(algorithm=name, teacher="t"), vocab_size=vocab, pt_data=True)
+        for kind in objective.batch_kinds():
+            seen.add(kind.name)
+            full_logits = student.clone().requires_grad_()
+            loss, metrics = objective.loss(full.replace(kind=kind.name, teacher_logits=teacher), full_logits)
+            loss.backward()
+            compact_logits = student.flatten(0, 1)[positions][None].clone().requires_grad_()
+            compact = full.replace(
+                kind=kind.name, teacher_logits=teacher.flatten(0, 1)[positions][None], logit_positions=positions
+            )
+            loss_c, metrics_c = objective.loss(compact, compact_logits)
+            loss_c.backward()
+            torch.testing.assert_close(loss_c, loss, msg=lambda m: f"{kind}: {m}")
+            assert metrics_c.keys() == metrics.keys() and len(metrics) >= 1
+            torch.testing.assert_close(compact_logits.grad[0], full_logits.grad.flatten(0, 1)[positions])
+            assert full_logits.grad.flatten(0, 1)[mask.flatten() == 0].abs().max() == 0
+    assert seen == {"minillm", "pt", "kd", "sft", "seqkd", "rkl_offpolicy"}
     parallel_state.destroy_model_parallel()
 
 
-def test_trainer_loss_at_logit_positions_equals_full_logits():
-    run_distributed(_trainer_loss_at_positions, 2)
+def test_objective_losses_at_logit_positions_equal_full_logits():
+    run_distributed(_objective_losses_at_positions, 2)

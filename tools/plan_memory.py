@@ -8,8 +8,8 @@ Models: an HF directory, a config.json, or a known name (gpt2, gpt2-medium, gpt2
 opt-1.3b, opt-13b, llama-7b, llama-13b, llama-70b, smollm2-135m). With --tp/--pp/--dp the breakdown
 of that layout is printed (first and last pipeline stage); always, the layouts of --nodes x
 --gpus-per-node GPUs that fit in --headroom x --gpu-memory-gb. Batch and length options default to
-the training config given with --config (examples/configs/minillm.yaml), else to TrainConfig's
-defaults. Formulas and their validation: docs/memory.md. Exit status 2 with one message on bad input.
+the training config given with --config (examples/configs/minillm.yaml), else to the config's
+defaults (bf16). Formulas and their validation: docs/memory.md. Exit status 2 with one message on bad input.
 """
 
 import argparse
@@ -17,6 +17,8 @@ import dataclasses
 import json
 import sys
 
+from megatron_minillm.algorithms import OBJECTIVES
+from megatron_minillm.config import ConfigError, TrainConfig, load_config
 from megatron_minillm.models.hf_config import UnsupportedModelError
 from megatron_minillm.parallel import LayoutError
 from megatron_minillm.planning.memory import (
@@ -29,43 +31,33 @@ from megatron_minillm.planning.memory import (
     suggest_layouts,
 )
 
-# TrainConfig fields the planner reads from --config (same names).
-FROM_CONFIG = (
-    "algorithm",
-    "tp",
-    "pp",
-    "micro_batch_size",
-    "global_batch_size",
-    "max_prompt_length",
-    "max_length",
-    "rollout_batch_size",
-    "rollout_micro_batch_size",
-    "dtype",
-    "teacher_cache_dtype",
-    "recompute",
-    "single_step",
-    "policy_gradient",
-)
+# Command-line flags -> the training config keys they set (after --config, if any).
+FLAG_KEYS = {
+    "algorithm": "algorithm",
+    "tp": "parallel.tp",
+    "pp": "parallel.pp",
+    "micro_batch_size": "training.micro_batch_size",
+    "global_batch_size": "training.global_batch_size",
+    "max_prompt_length": "training.max_prompt_length",
+    "max_length": "training.max_length",
+    "dtype": "training.dtype",
+    "teacher_cache_dtype": "training.teacher_cache_dtype",
+    "recompute": "training.recompute",
+    "rollout_batch_size": "rollout.batch_size",
+    "rollout_micro_batch_size": "rollout.micro_batch_size",
+}
 
 
-def _config_values(path: str) -> dict:
-    """The planner's fields of a training YAML (checked by TrainConfig; paths in it need not exist)."""
-    import yaml
-
-    from megatron_minillm.training.config import ConfigError, TrainConfig, load_config
-
-    raw = yaml.safe_load(open(path)) or {}
-    overrides = [f"{k}=x" for k in ("student", "data") if not raw.get(k)]  # placeholders for required paths
-    if raw.get("algorithm", "minillm") != "sft" and not raw.get("teacher"):
-        overrides.append("teacher=x")
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """--config (its paths need not exist), then the flags; without --config, bf16 (GPU planning)."""
+    overrides = [] if args.config else ["training.dtype=bf16"]
+    overrides += [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None]
+    if args.no_distributed_optimizer:
+        overrides.append("optimizer.use_distributed_optimizer=false")
     try:
-        cfg: TrainConfig = load_config(path, overrides)
+        return load_config(args.config, overrides, require_paths=False)
     except ConfigError as err:
-        raise PlanError(f"{path}: {err}") from None
-    values = {k: getattr(cfg, k) for k in FROM_CONFIG}
-    values["distributed_optimizer"] = cfg.use_distributed_optimizer
-    values["pt_data"] = bool(cfg.pt_data) and cfg.lm_coef > 0
-    return values
+        raise PlanError(f"{args.config}: {err}" if args.config else str(err)) from None
 
 
 def main() -> int:
@@ -85,7 +77,7 @@ def main() -> int:
     parser.add_argument("--tp", type=int)
     parser.add_argument("--pp", type=int)
     parser.add_argument("--dp", type=int)
-    parser.add_argument("--algorithm", choices=["minillm", "sft", "kd", "seqkd", "rkl_offpolicy"])
+    parser.add_argument("--algorithm", choices=list(OBJECTIVES))
     parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--global-batch-size", type=int)
     parser.add_argument("--max-prompt-length", type=int)
@@ -108,43 +100,20 @@ def main() -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    values = {"dtype": "bf16"}  # GPU planning: bf16 unless the config or --dtype says otherwise
-    if args.config:
-        values.update(_config_values(args.config))
-    for name in (
-        "algorithm",
-        "micro_batch_size",
-        "global_batch_size",
-        "max_prompt_length",
-        "max_length",
-        "rollout_batch_size",
-        "rollout_micro_batch_size",
-        "dtype",
-        "teacher_cache_dtype",
-        "recompute",
-        "tp",
-        "pp",
-    ):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    if args.no_distributed_optimizer:
-        values["distributed_optimizer"] = False
-    if args.no_pt_data:
-        values["pt_data"] = False
+    cfg = _train_config(args)
     if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_memory_gb <= 0:
         raise PlanError("--nodes, --gpus-per-node and --gpu-memory-gb must be positive")
     student = resolve_model(args.student)
     teacher = resolve_model(args.teacher) if args.teacher else None
-    if teacher is None and values.get("algorithm", "minillm") != "sft":
-        raise PlanError(f"algorithm {values.get('algorithm', 'minillm')} needs --teacher")
+    if teacher is None and cfg.algorithm != "sft":
+        raise PlanError(f"algorithm {cfg.algorithm} needs --teacher")
     world = args.nodes * args.gpus_per_node
     explicit = any(x is not None for x in (args.tp, args.pp, args.dp))
-    tp, pp = values.pop("tp", 1), values.pop("pp", 1)
-    if explicit:
-        dp = args.dp if args.dp is not None else max(world // (tp * pp), 1)
-    else:
-        dp = 1
-    base = PlanConfig(tp=tp, pp=pp, dp=dp, **values)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = (args.dp if args.dp is not None else max(world // (tp * pp), 1)) if explicit else 1
+    # L_PT as the config has it; without --config, planned unless --no-pt-data
+    pt_data = (bool(cfg.pt_data) if args.config else True) and not args.no_pt_data
+    base = PlanConfig.from_train(cfg, dp, pt_data=pt_data)
     memory = args.gpu_memory_gb * GiB
     out: dict = {"config": dataclasses.asdict(base), "gpu_memory_bytes": memory, "headroom": args.headroom}
     breakdown = None
@@ -164,13 +133,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
+    t, rollout = cfg.training, cfg.rollout
     print(
         f"student {args.student}"
         + (f", teacher {args.teacher}" if teacher else "")
-        + f"; {base.algorithm}, {base.dtype}, micro-batch {base.micro_batch_size} x {base.max_length} tokens, "
-        f"rollouts {base.rollout_batch_size} (micro-batch {base.rollout_micro_batch_size}), "
-        f"recompute {'on' if base.recompute else 'off'}, distributed optimizer "
-        f"{'on' if base.distributed_optimizer else 'off'}"
+        + f"; {cfg.algorithm}, {t.dtype}, micro-batch {t.micro_batch_size} x {t.max_length} tokens, "
+        f"rollouts {rollout.batch_size} (micro-batch {rollout.micro_batch_size}), "
+        f"recompute {'on' if t.recompute else 'off'}, distributed optimizer "
+        f"{'on' if cfg.optimizer.use_distributed_optimizer else 'off'}"
     )
     if breakdown is not None:
         print(f"\nlayout TP={tp} PP={pp} DP={dp}:")

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_minillm.checkpoint.dist_checkpoint import load_model, read_metadata
+from megatron_minillm.data.micro_batch import MicroBatch, pack
 from megatron_minillm.data.preprocess import tokenize_pair
 from megatron_minillm.data.prompts import Prompt, load_prompts
 from megatron_minillm.data.tokenizer import Tokenizer, check_tokenizers_compatible, load_tokenizer
@@ -35,9 +37,10 @@ from megatron_minillm.evaluation.metrics import (
 from megatron_minillm.evaluation.report import ModelResults, write_report
 from megatron_minillm.losses import forward_kl, reverse_kl
 from megatron_minillm.models import Architecture, load_architecture, mask_padded_vocab
+from megatron_minillm.platform import device
 from megatron_minillm.sampling import SamplingParams, generate_all
 from megatron_minillm.sampling import vocab_parallel as vp
-from megatron_minillm.training.schedule import Batch, at_logit_positions, forward_backward, logit_positions
+from megatron_minillm.training.schedule import forward_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -171,38 +174,32 @@ def generate_responses(
     return Responses(cfg.seeds, tokens, texts)
 
 
-# (vocab-parallel logits [1, n, V/TP] at the n positions where batch["loss_mask"] is 1, in row-major
-# order (the batch's "logit_positions"), the teacher's or None, micro-batch) -> name -> values [n]
-TokenStats = Callable[[Tensor, Tensor | None, Batch], dict[str, Tensor]]
+# (vocab-parallel logits [1, n, V/TP] at the n positions where batch.loss_mask is 1, in row-major
+# order (the batch's logit_positions), the teacher's or None, micro-batch) -> name -> values [n]
+TokenStats = Callable[[Tensor, Tensor | None, MicroBatch], dict[str, Tensor]]
 
 
-def _micro_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Batch:
+def _micro_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> MicroBatch:
     """Right-padded prompt + response; the loss mask marks the positions that predict response tokens
     (the only positions whose logits the models compute)."""
     width = max(len(p) + len(r) for p, r in pairs)
-    ids = torch.zeros(len(pairs), width, dtype=torch.long)
-    loss_mask = torch.zeros(len(pairs), width - 1)
-    for row, (prompt, response) in enumerate(pairs):
-        ids[row, : len(prompt) + len(response)] = torch.tensor([*prompt, *response])
-        loss_mask[row, len(prompt) - 1 : len(prompt) + len(response) - 1] = 1
-    positions = torch.arange(width - 1).expand(len(pairs), width - 1)
-    return {
-        "tokens": ids[:, :-1],
-        "labels": ids[:, 1:],
-        "loss_mask": loss_mask,
-        "position_ids": positions,
-        "logit_positions": logit_positions(loss_mask),
-    }
+    [batch] = pack(
+        [torch.tensor(p, dtype=torch.long) for p, _ in pairs],
+        [torch.tensor(r, dtype=torch.long) for _, r in pairs],
+        kind="eval",
+        micro_batch_size=len(pairs),
+        seq_length=width - 1,
+        pad_id=0,
+        device=device(),
+    )
+    return batch
 
 
-def _last_stage(
-    model: torch.nn.Module, batch: Batch, fn: Callable[[Tensor], dict[str, Tensor]]
-) -> dict[str, Tensor] | None:
+def _last_stage(model: torch.nn.Module, batch: MicroBatch, fn: Callable[[Tensor], Any]) -> Any:
     """``fn`` of the logits of one micro-batch, on the last pipeline stage (None elsewhere)."""
     model.eval()
-    with torch.no_grad():
-        out = forward_backward(model, [batch], lambda _, z: (z.new_zeros(()), fn(z)), forward_only=True)
-    return out[0] if parallel_state.is_pipeline_last_stage() else None
+    outputs = forward_outputs(model, [batch], lambda _, logits: fn(logits))
+    return outputs[0] if outputs else None
 
 
 def token_stats(
@@ -226,11 +223,11 @@ def token_stats(
     for start in range(0, len(mine), batch_size):
         ids = mine[start : start + batch_size]
         batch = _micro_batch([pairs[i] for i in ids])
-        kept = None if teacher is None else _last_stage(teacher, batch, lambda z: {"logits": z})
-        values = _last_stage(model, batch, lambda z: stats(z, kept["logits"] if kept else None, batch))
+        kept = None if teacher is None else _last_stage(teacher, batch, lambda z: z)
+        values = _last_stage(model, batch, lambda z: stats(z, kept, batch))
         if values is None:
             continue
-        counts = batch["loss_mask"].sum(1).long().tolist()
+        counts = batch.loss_mask.sum(1).long().tolist()  # host-side: row lengths, to split with
         split = {name: v.double().split(counts) for name, v in values.items()}
         local.update({i: {name: parts[row].tolist() for name, parts in split.items()} for row, i in enumerate(ids)})
     gathered: list = [None] * dist.get_world_size()
@@ -240,7 +237,7 @@ def token_stats(
 
 
 def _divergences(vocab_size: int) -> TokenStats:
-    def stats(logits: Tensor, teacher_logits: Tensor | None, _: Batch) -> dict[str, Tensor]:
+    def stats(logits: Tensor, teacher_logits: Tensor | None, _: MicroBatch) -> dict[str, Tensor]:
         kl = {"reverse_kl": reverse_kl, "forward_kl": forward_kl}
         return {name: f(logits, teacher_logits, vocab_size=vocab_size, reduction="none")[0] for name, f in kl.items()}
 
@@ -250,11 +247,11 @@ def _divergences(vocab_size: int) -> TokenStats:
 def _confidence(vocab_size: int) -> TokenStats:
     """Max next-token probability and whether its argmax is the target, vocab-parallel."""
 
-    def stats(logits: Tensor, _: Tensor | None, batch: Batch) -> dict[str, Tensor]:
+    def stats(logits: Tensor, _: Tensor | None, batch: MicroBatch) -> dict[str, Tensor]:
         rows = mask_padded_vocab(logits, vocab_size)[0].float()
         predicted = vp.argmax(rows)
         confidence = vp.gather_ids(vp.log_softmax(rows), predicted).exp()
-        labels = at_logit_positions(batch, batch["labels"])[0]
+        labels = batch.pick(batch.labels)[0]
         return {"confidence": confidence, "correct": (predicted == labels).float()}
 
     return stats

@@ -25,7 +25,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from megatron_minillm.algorithms import OBJECTIVES, BatchKind, Objective
+from megatron_minillm.config import ParallelConfig, TrainConfig, TrainingConfig
 from megatron_minillm.models import Architecture, architecture_from_dict, check_layout, load_architecture
+from megatron_minillm.models.builder import DTYPES
 from megatron_minillm.models.hf_config import UnsupportedModelError
 from megatron_minillm.models.vocab import padded_vocab_size
 from megatron_minillm.parallel import LayoutError
@@ -36,7 +39,6 @@ GiB = 2**30
 # (losses/vocab_parallel.py); up to 8 were seen at once in the reverse-KL backward chunk of a bf16
 # run (benchmarks/bench_plan_memory.py). Not counted op by op: 8 chunks, 16 MiB.
 LOSS_CHUNK_WORKSPACE = 8 * 4 * 2**19
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # Public Hugging Face config.json values (only the fields the architecture reader uses).
 KNOWN_MODELS: dict[str, dict] = {
@@ -285,47 +287,42 @@ def _ceil(x: int, m: int) -> int:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """What sizes memory: the layout, batches and lengths of a training config (``TrainConfig`` names)."""
+    """A training config (algorithm, batches, lengths, dtypes, loss terms: ``train``) at a layout
+    of ``train.parallel`` TP x PP and ``dp`` data-parallel ranks."""
 
-    tp: int = 1
-    pp: int = 1
+    train: TrainConfig
     dp: int = 1
-    algorithm: str = "minillm"
-    micro_batch_size: int = 4
-    global_batch_size: int = 16
-    max_prompt_length: int = 256
-    max_length: int = 512
-    rollout_batch_size: int = 256
-    rollout_micro_batch_size: int = 16
-    dtype: str = "bf16"
-    teacher_cache_dtype: str = "bf16"
-    recompute: bool = False
-    distributed_optimizer: bool = True
-    single_step: bool = True
-    policy_gradient: bool = True  # the PPO term's token log-probs (a second loss on the same logits)
-    pt_data: bool = True  # L_PT on: one pretraining micro-batch (with teacher logits) per rollout micro-batch
+    pt_data: bool = True  # L_PT planned for MiniLLM (planning needs no dataset, only whether there is one)
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self) -> None:
-        for name in (
-            "tp",
-            "pp",
-            "dp",
-            "micro_batch_size",
-            "global_batch_size",
-            "rollout_batch_size",
-            "rollout_micro_batch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise PlanError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise PlanError(f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length})")
-        if self.dtype not in DTYPE_BYTES or self.teacher_cache_dtype not in ("fp32", "bf16"):
-            raise PlanError(f"dtype {self.dtype!r} / teacher_cache_dtype {self.teacher_cache_dtype!r}: fp32 or bf16")
+        if self.dp < 1:
+            raise PlanError(f"dp must be >= 1, got {self.dp}")
+
+    @classmethod
+    def from_train(cls, cfg: TrainConfig, dp: int = 1, **kwargs) -> "PlanConfig":
+        """The plan of a training config as it would run: L_PT when it names pretraining data."""
+        return cls(cfg, dp, **{"pt_data": bool(cfg.pt_data), **kwargs})
+
+    @property
+    def tp(self) -> int:
+        return self.train.parallel.tp
+
+    @property
+    def pp(self) -> int:
+        return self.train.parallel.pp
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    def at_layout(self, tp: int, pp: int, dp: int) -> "PlanConfig":
+        return replace(self, train=replace(self.train, parallel=ParallelConfig(tp=tp, pp=pp)), dp=dp)
+
+    @property
+    def objective(self) -> Objective:
+        """The algorithm's declarations (batch kinds, teacher outputs, loss terms) that size memory."""
+        return OBJECTIVES[self.train.algorithm](self.train, vocab_size=0, pt_data=self.pt_data)
 
 
 @dataclass
@@ -390,32 +387,26 @@ def _forward_only_layer_bytes(arch: Architecture, tokens: int, tp: int, nbytes: 
     return tokens * nbytes * (2 * h + mlp_units * f / tp)
 
 
-def _loss_terms(cfg: PlanConfig, kind: str) -> int:
-    """Loss functions on the logits of one micro-batch of ``kind`` (each returns a full gradient)."""
-    if kind == "pt" or kind == "kd":
-        return 2  # CE + forward KL
-    if kind == "minillm":
-        return int(cfg.policy_gradient) + int(cfg.single_step)  # PPO term (token log-probs), single-step reverse KL
-    return 1  # sft, seqkd, rkl_offpolicy
-
-
-def _logit_positions(cfg: PlanConfig, kind: str) -> int:
+def _logit_positions(t: TrainingConfig, kind: BatchKind) -> int:
     """Positions per sample whose logits a micro-batch of ``kind`` computes (the trainer computes the
     output layer at the loss positions only): sampled responses have at most max_length -
     max_prompt_length tokens, a dataset's response fills at most the whole sequence (a 1-token
-    prompt: the worst case), L_PT uses every position."""
-    if kind in ("minillm", "seqkd"):
-        return cfg.max_length - cfg.max_prompt_length
-    return cfg.max_length
+    prompt: the worst case), pretraining text uses every position."""
+    if kind.responses == "sampled":
+        return t.max_length - t.max_prompt_length
+    return t.max_length
 
 
 def _stage_breakdown(
     teacher: Architecture | None, student: Architecture, cfg: PlanConfig, stage: int
 ) -> MemoryBreakdown:
-    tp, pp, dp, B = cfg.tp, cfg.pp, cfg.dp, DTYPE_BYTES[cfg.dtype]
+    t, tp, pp, dp = cfg.train.training, cfg.tp, cfg.pp, cfg.dp
+    B, cache_B = DTYPES[t.dtype].itemsize, DTYPES[t.teacher_cache_dtype].itemsize
     last = stage == pp - 1
-    cache_B = DTYPE_BYTES[cfg.teacher_cache_dtype]
-    minillm = cfg.algorithm == "minillm"
+    objective = cfg.objective
+    main, pt = objective.main_kind, objective.pretraining_kind
+    train_kinds = [main] + ([pt] if pt else [])  # the kinds of one optimizer step's micro-batches
+    on_policy = objective.samples == "student"
     notes: list[str] = []
 
     s_params = stage_parameters(student, tp, pp, stage, cfg.make_vocab_size_divisible_by)
@@ -424,20 +415,19 @@ def _stage_breakdown(
         sum(stage_parameters(teacher, tp, pp, stage, cfg.make_vocab_size_divisible_by).values()) if teacher else 0
     )
     layers_s = student.num_layers // pp
-    n_buffer = grad_buffer_numel(
-        student, tp, pp, stage, dp, cfg.distributed_optimizer, cfg.make_vocab_size_divisible_by
-    )
-    opt_shard = n_buffer / dp if cfg.distributed_optimizer else n_buffer
+    distributed_optimizer = cfg.train.optimizer.use_distributed_optimizer
+    n_buffer = grad_buffer_numel(student, tp, pp, stage, dp, distributed_optimizer, cfg.make_vocab_size_divisible_by)
+    opt_shard = n_buffer / dp if distributed_optimizer else n_buffer
     optimizer_bytes_per = 8 + (4 if B < 4 else 0)  # Adam moments (+ fp32 main params for bf16)
 
     vocab_s = padded_vocab_size(student.vocab_size, tp, cfg.make_vocab_size_divisible_by) // tp
-    mbs, seq = cfg.micro_batch_size, cfg.max_length
+    mbs, seq = t.micro_batch_size, t.max_length
     tokens = mbs * seq
-    local_batch = cfg.global_batch_size // dp
-    # Logits at all positions (L_PT): GPTModel returns logits.transpose(0, 1).contiguous(), a copy;
-    # at the loss positions the logits are [1, n, V/TP] already.
-    transpose_copy = {"pt": 1 if mbs > 1 else 0}
-    positions = {kind: _logit_positions(cfg, kind) for kind in ("pt", cfg.algorithm)}
+    local_batch = t.global_batch_size // dp
+    positions = {kind.name: _logit_positions(t, kind) for kind in train_kinds}
+    # Logits at all positions (pretraining text): GPTModel returns logits.transpose(0, 1).contiguous(),
+    # a copy; at the loss positions the logits are [1, n, V/TP] already.
+    transpose_copy = {k.name: 1 if mbs > 1 else 0 for k in train_kinds if k.responses == "pretraining"}
 
     terms: dict[str, float] = {
         "student weights": B * n_student,
@@ -449,22 +439,22 @@ def _stage_breakdown(
 
     # ---- teacher logits kept on the last stage
     rollout_cache = 0.0
-    if minillm and cfg.single_step and teacher:
-        rollout_cache = cfg.rollout_batch_size / dp * positions["minillm"] * vocab_s * cache_B
+    if on_policy and main.teacher_logits and teacher:  # scored once per rollout batch
+        rollout_cache = cfg.train.rollout.batch_size / dp * positions[main.name] * vocab_s * cache_B
     step_cache = 0.0
-    if teacher and (cfg.algorithm in ("kd", "rkl_offpolicy") or (minillm and cfg.pt_data)):
-        step_kind = "pt" if minillm else cfg.algorithm  # one optimizer step's L_PT (or KD) batches
-        step_cache = local_batch * positions[step_kind] * vocab_s * cache_B
+    step_kind = pt if on_policy else main  # scored once per optimizer step (L_PT, KD)
+    if teacher and step_kind and step_kind.teacher_logits:
+        step_cache = local_batch * positions[step_kind.name] * vocab_s * cache_B
     if not last:
         rollout_cache = step_cache = 0.0
     terms["teacher logits cache (rollouts)"] = rollout_cache
     terms["teacher logits cache (L_PT/KD step)"] = step_cache
 
     # ---- training activations: 1F1B keeps min(PP - stage, micro-batches) in flight on this stage
-    micro_per_step = local_batch // mbs * (2 if minillm and cfg.pt_data and teacher else 1)
+    micro_per_step = local_batch // mbs * len(train_kinds)
     in_flight = min(pp - stage, micro_per_step)
     layer_saved = _layer_saved_bytes(student, tokens, seq, tp, B)
-    if cfg.recompute:  # full, uniform, 1 layer per checkpoint: each layer's input, plus one layer re-run
+    if t.recompute:  # full, uniform, 1 layer per checkpoint: each layer's input, plus one layer re-run
         per_micro = layers_s * B * tokens * student.hidden_size
         recompute_layer = layer_saved
     else:
@@ -486,57 +476,57 @@ def _stage_breakdown(
     # the student's dtype (when the cache dtype differs), and one gradient per loss term.
     logits_peak = 0.0
     if last:
-        kinds = ["minillm", "pt"] if minillm and cfg.pt_data and teacher else [cfg.algorithm]
-        uses_teacher = {"minillm": cfg.single_step, "pt": True, "kd": True, "rkl_offpolicy": True}
         candidates = []
-        for kind in kinds:
-            n = mbs * positions[kind]
-            L, copy = n * vocab_s * B, transpose_copy.get(kind, 0)
+        for kind in train_kinds:
+            n = mbs * positions[kind.name]
+            L, copy = n * vocab_s * B, transpose_copy.get(kind.name, 0)
             candidates.append(L * (1 + copy))  # forward: the logits (and their [b, s, V/TP] copy)
-            up = L if teacher and uses_teacher.get(kind, False) and cache_B != B else 0.0
-            candidates.append(L + up + _loss_terms(cfg, kind) * L + LOSS_CHUNK_WORKSPACE)
+            up = L if teacher and kind.teacher_logits and cache_B != B else 0.0
+            candidates.append(L + up + kind.logit_losses * L + LOSS_CHUNK_WORKSPACE)
             # output layer backward: the gradient (and its contiguous copy), grad weight and grad input
             candidates.append(L * (1 + copy) + B * (vocab_s + n) * student.hidden_size)
         logits_peak = max(candidates)
     terms["logits + loss gradients"] = logits_peak
 
     # ---- rollouts: student + teacher KV caches for one rollout micro-batch
-    rmb = cfg.rollout_micro_batch_size
-    rollout_models = [student] + ([teacher] if teacher and minillm else [])
-    kv = 0.0
-    if minillm or cfg.algorithm == "seqkd":
-        models = rollout_models if minillm else [teacher]
-        kv = sum(2 * (m.num_layers // pp) * rmb * seq * m.num_query_groups // tp * m.kv_channels * B for m in models)
+    rmb = cfg.train.rollout.micro_batch_size
+    samplers = {  # the models that decode: the student (teacher-mixed: with the teacher), or the teacher
+        "student": [student] + ([teacher] if teacher and cfg.train.rollout.mix_alpha else []),
+        "teacher": [teacher],
+        "dataset": [],
+    }[objective.samples]
+    kv = sum(2 * (m.num_layers // pp) * rmb * seq * m.num_query_groups // tp * m.kv_channels * B for m in samplers)
     terms["KV caches (rollouts)"] = kv
     prefill = 0.0
     if kv:
-        prompt_tokens = rmb * cfg.max_prompt_length
-        prefill = max(_forward_only_layer_bytes(m, prompt_tokens, tp, B) for m in rollout_models)
+        prompt_tokens = rmb * t.max_prompt_length
+        prefill = max(_forward_only_layer_bytes(m, prompt_tokens, tp, B) for m in samplers)
     # ---- scoring: teacher forwards, logits copied into the cache (last stage). The rollouts are scored
     # in one pass before training; the L_PT (or KD) micro-batches of a step are scored before its
     # forward/backward, on top of the full rollout cache.
     score = score_pt = 0.0
-    if teacher and cfg.algorithm not in ("sft", "seqkd"):
+    if teacher and any(k.needs_teacher for k in train_kinds):
         layer = _forward_only_layer_bytes(teacher, tokens, tp, B)
 
-        def scoring(kind: str, cached: float, log_p: bool) -> float:
+        def scoring(kind: BatchKind, cached: float) -> float:
             """Peak while scoring the last micro-batch of ``kind`` with ``cached`` bytes of earlier
             micro-batches in the cache: its logits (and their transposed copy), then the cache copy
             (+ an fp32 copy for log p)."""
             if not last:
                 return layer
-            n = mbs * positions[kind]
+            n = mbs * positions[kind.name]
             L_t, entry = n * vocab_s * B, n * vocab_s * cache_B
-            fp32_copy = n * vocab_s * 4 if log_p and B < 4 else 0.0
+            fp32_copy = n * vocab_s * 4 if kind.teacher_log_p and B < 4 else 0.0
             cached = max(cached - entry, 0.0)
-            return max(layer, cached + L_t * (1 + transpose_copy.get(kind, 0)), cached + entry + L_t + fp32_copy)
+            copy = transpose_copy.get(kind.name, 0)
+            return max(layer, cached + L_t * (1 + copy), cached + entry + L_t + fp32_copy)
 
-        if minillm:
-            score = scoring("minillm", rollout_cache, log_p=True)
+        if on_policy:
+            score = scoring(main, rollout_cache)
             if step_cache:
-                score_pt = rollout_cache + scoring("pt", step_cache, log_p=False)
+                score_pt = rollout_cache + scoring(step_kind, step_cache)
         else:
-            score_pt = scoring(cfg.algorithm, step_cache, log_p=False)
+            score_pt = scoring(main, step_cache)
 
     phases = {
         "rollout": persistent + kv + prefill if kv else persistent,
@@ -562,10 +552,11 @@ def plan_memory(teacher: Architecture | None, student: Architecture, cfg: PlanCo
             check_layout(arch, cfg.tp, cfg.pp)
         except LayoutError as err:
             raise LayoutError(f"{name}: {err}") from None
-    if cfg.global_batch_size % (cfg.micro_batch_size * cfg.dp):
+    t = cfg.train.training
+    if t.global_batch_size % (t.micro_batch_size * cfg.dp):
         raise PlanError(
-            f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size x DP = "
-            f"{cfg.micro_batch_size} x {cfg.dp}"
+            f"global_batch_size {t.global_batch_size} must be a multiple of micro_batch_size x DP = "
+            f"{t.micro_batch_size} x {cfg.dp}"
         )
     stages = sorted({0, cfg.pp - 1})
     out = [_stage_breakdown(teacher, student, cfg, s) for s in stages]
@@ -616,7 +607,7 @@ def suggest_layouts(
                 continue
             dp = world // (tp * pp)
             try:
-                trial = replace(cfg, tp=tp, pp=pp, dp=dp)
+                trial = cfg.at_layout(tp, pp, dp)
                 peak = plan_memory(teacher, student, trial)[0]
             except (LayoutError, PlanError):
                 continue

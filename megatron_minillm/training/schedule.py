@@ -3,6 +3,7 @@
 import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -10,50 +11,51 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_minillm.data.micro_batch import MicroBatch
 from megatron_minillm.models.logits import logits_at
 
-# A micro-batch: "tokens", "position_ids" [b, s], optional "attention_mask", and for the loss whatever
-# it reads. With "logit_positions" [n] (flat indices into [b, s], see :func:`logit_positions`) the
-# last stage computes the logits at those positions only, as [1, n, V/TP]: pick per-token tensors
-# the same way with :func:`at_logit_positions`.
-Batch = dict[str, torch.Tensor]
 # (micro-batch, vocab-parallel logits [b, s, V/TP] or [1, n, V/TP]) -> (scalar loss, metrics to report)
-LossFunc = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFunc = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (micro-batch, vocab-parallel logits) -> anything to keep (forward only, e.g. a teacher's logits)
+OutputFunc = Callable[[MicroBatch, torch.Tensor], Any]
 
 
-def logit_positions(loss_mask: torch.Tensor) -> torch.Tensor:
-    """The flat [b, s] indices where ``loss_mask`` is non-zero, row-major."""
-    return loss_mask.reshape(-1).nonzero().squeeze(1)
-
-
-def at_logit_positions(batch: Batch, values: torch.Tensor) -> torch.Tensor:
-    """Per-token ``values`` [b, s, ...] in the layout of the batch's logits: [1, n, ...] at its
-    "logit_positions", unchanged without them."""
-    positions = batch.get("logit_positions")
-    return values if positions is None else values.flatten(0, 1)[positions].unsqueeze(0)
-
-
-def scatter_logit_positions(batch: Batch, values: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`at_logit_positions` for [1, n] values: [b, s], 0 elsewhere."""
-    positions = batch.get("logit_positions")
-    if positions is None:
-        return values
-    out = values.new_zeros(batch["tokens"].numel())
-    out[positions] = values[0]
-    return out.view_as(batch["tokens"])
-
-
-def _forward_step(loss_func: LossFunc, data: Iterator[Batch], model: torch.nn.Module):
+def _forward_step(func: Callable, collect: bool, data: Iterator[MicroBatch], model: torch.nn.Module):
     batch = next(data)
-    args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-    positions = batch.get("logit_positions")
+    args = (batch.tokens, batch.position_ids, None)
+    positions = batch.logit_positions
     logits = model(*args) if positions is None else logits_at(model, *args, positions)
-    return logits, partial(loss_func, batch)
+    if collect:  # megatron's non-loss path: the schedule stores func's result, no loss, no backward
+        return logits, lambda output, non_loss_data: func(batch, output)
+    return logits, partial(_loss, func, batch)
+
+
+def _loss(loss_func: LossFunc, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    loss, metrics = loss_func(batch, logits)
+    # megatron scales the returned loss in place (/= num_microbatches): a metric that is the loss
+    # itself (detached, same storage) must not see that.
+    return loss.clone(), metrics
+
+
+def _schedule(
+    model: torch.nn.Module, micro_batches: Sequence[MicroBatch], func: Callable, forward_only: bool, collect: bool
+) -> list:
+    batch_size, seq_length = micro_batches[0].tokens.shape
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, func, collect),
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=batch_size,
+        forward_only=forward_only,
+        collect_non_loss_data=collect,
+    )
 
 
 def forward_backward(
     model: torch.nn.Module,
-    micro_batches: Sequence[Batch],
+    micro_batches: Sequence[MicroBatch],
     loss_func: LossFunc,
     forward_only: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
@@ -61,16 +63,15 @@ def forward_backward(
 
     Every micro-batch must have the same [b, s] shape: the pipeline sends fixed-size activations.
     """
-    batch_size, seq_length = micro_batches[0]["tokens"].shape
-    return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_func),
-        data_iterator=iter(micro_batches),
-        model=[model],
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=batch_size,
-        forward_only=forward_only,
-    )
+    return _schedule(model, micro_batches, loss_func, forward_only, collect=False)
+
+
+@torch.no_grad()
+def forward_outputs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], output_func: OutputFunc) -> list:
+    """Forward only; ``output_func(batch, logits)`` of every micro-batch, in order, on the last
+    pipeline stage ([] elsewhere): megatron's ``collect_non_loss_data`` path, for outputs that are
+    not a loss (a teacher's logits, evaluation statistics)."""
+    return _schedule(model, micro_batches, output_func, forward_only=True, collect=True)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,7 +96,7 @@ def train_step(
     model: torch.nn.Module,
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
-    micro_batches: Sequence[Batch],
+    micro_batches: Sequence[MicroBatch],
     loss_func: LossFunc,
     where: str = "train step",
 ) -> tuple[list[dict[str, torch.Tensor]], float]:

@@ -1,53 +1,48 @@
-"""The trainer: MiniLLM (Algorithm 1 of the paper) and the baselines (SFT, KD, SeqKD, off-policy
-reverse KL), one loop for all, read top to bottom.
+"""The trainer: one loop for every algorithm, read top to bottom; the algorithm is an
+:class:`~megatron_minillm.algorithms.Objective` (its batch kinds and its loss), not a branch here.
 
 Every rank runs the same code; the student is TP x PP x DP (megatron DDP + distributed optimizer),
 the teacher shares the TP x PP groups, frozen, without DDP or optimizer state. Per-token tensors
-that only the loss needs (teacher logits, rewards, advantages) live in the micro-batch dicts of the
+that only the loss needs (teacher logits, rewards, advantages) live in the micro-batches of the
 last pipeline stage.
 
-MiniLLM iteration: (1) rollouts: teacher-mixed sampling of ``rollout_batch_size`` responses;
-(2) scoring: one teacher forward over the rollouts, its vocab-parallel logits cached
-(``teacher_cache_dtype``) for the single-step term and its log p(y_t) turned into rewards;
-(3) training: ``ppo_epochs`` passes over the rollouts in optimizer steps of ``global_batch_size``,
-each micro-batch paired with a pretraining micro-batch for L_PT. LMOps re-runs the teacher every
-PPO epoch; here it runs once per rollout batch (plus once per pretraining micro-batch, which is new
-data every step).
+An iteration of an on-policy objective (MiniLLM, Algorithm 1): (1) rollouts: teacher-mixed sampling
+of ``rollout.batch_size`` responses; (2) scoring: one teacher forward over the rollouts, keeping
+what the objective's loss reads (vocab-parallel logits in ``training.teacher_cache_dtype``, log p);
+(3) training: ``objective.epochs`` passes over the rollouts in optimizer steps of
+``training.global_batch_size``, each micro-batch paired with a pretraining micro-batch when the
+objective has one (L_PT). LMOps re-runs the teacher every PPO epoch; here it runs once per rollout
+batch (plus once per pretraining micro-batch, which is new data every step). Any other objective
+trains one optimizer step per iteration on the dataset's responses or the teacher's samples.
 """
 
 import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
+from torch import Tensor
 from tqdm import tqdm
 
-from megatron_minillm.algorithms import minillm
+from megatron_minillm.algorithms import OBJECTIVES, BatchKind, token_normalize
 from megatron_minillm.checkpoint.dist_checkpoint import load_model
+from megatron_minillm.config import ConfigError, TrainConfig
 from megatron_minillm.data import InstructionDataset, PretrainDataset, check_tokenizers_compatible, load_tokenizer
-from megatron_minillm.losses import forward_kl, reverse_kl, token_log_probs
+from megatron_minillm.data.micro_batch import MicroBatch, pack, sequence_length
+from megatron_minillm.losses import token_log_probs
+from megatron_minillm.models.builder import DTYPES
 from megatron_minillm.parallel import init_distributed
-from megatron_minillm.platform import is_cuda
-from megatron_minillm.sampling import SamplingParams, generate, sample_seeds
+from megatron_minillm.platform import device, is_cuda
+from megatron_minillm.sampling import Rollout, generate, sample_seeds
 from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
-from megatron_minillm.training.config import ConfigError, TrainConfig
 from megatron_minillm.training.optimizer import setup_model_and_optimizer
-from megatron_minillm.training.schedule import (
-    Batch,
-    at_logit_positions,
-    forward_backward,
-    logit_positions,
-    scatter_logit_positions,
-    train_step,
-)
+from megatron_minillm.training.schedule import forward_outputs, train_step
 
 log = logging.getLogger("megatron_minillm.train")
-CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -63,77 +58,104 @@ class Timers:
 def model_checksum(model: torch.nn.Module) -> float:
     """Sum of all weights over the model-parallel group: equal for the same checkpoint at any layout,
     logged so that a teacher that silently failed to load (e.g. all zeros) is caught."""
-    total = torch.tensor(sum(p.detach().double().sum().item() for p in model.parameters()), dtype=torch.float64)
+    weights = list(model.parameters())
+    total = torch.stack([p.detach().double().sum() for p in weights]).sum()
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return total.item()
 
 
+def response_tensors(rollout: Rollout) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Per sample: the response ids, log q of each token and the importance weight w_t = q / p~
+    (1-D tensors, views of the rollout's rows up to the stop token)."""
+    lengths = rollout.mask.sum(1).tolist()  # host-side: the row lengths, to slice with
+    weights = (rollout.log_q - rollout.log_mix).exp()
+    rows = range(len(lengths))
+    return (
+        [rollout.tokens[i, : lengths[i]] for i in rows],
+        [rollout.log_q[i, : lengths[i]] for i in rows],
+        [weights[i, : lengths[i]] for i in rows],
+    )
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
+        cfg.check_paths()
         self.cfg = cfg
-        self.layout = init_distributed(tp=cfg.tp, pp=cfg.pp, seed=cfg.seed)
+        self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
         self.dp, self.dp_rank = self.layout.dp, parallel_state.get_data_parallel_rank()
+        self.dp_group = parallel_state.get_data_parallel_group()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
-        self._check_batches()
+        self.device = device()
         self.tokenizer = load_tokenizer(cfg.student)
-        student, self.arch, self.meta = load_model(cfg.student, dtype=cfg.dtype)
-        meta = self.meta
-        if cfg.recompute:
+        student, self.arch, self.meta = load_model(cfg.student, dtype=cfg.training.dtype)
+        self.objective = OBJECTIVES[cfg.algorithm](cfg, self.arch.vocab_size)
+        self._check_batches()
+        if cfg.training.recompute:
             student.config.recompute_granularity, student.config.recompute_method = "full", "uniform"
             student.config.recompute_num_layers = 1
         self.teacher = None
         if cfg.teacher:
             teacher_tokenizer = load_tokenizer(cfg.teacher)
-            self.teacher, _, teacher_meta = load_model(cfg.teacher, dtype=cfg.dtype)
+            self.teacher, _, teacher_meta = load_model(cfg.teacher, dtype=cfg.training.dtype)
             check_tokenizers_compatible(
-                teacher_tokenizer, self.tokenizer, teacher_meta.padded_vocab_size, meta.padded_vocab_size, cfg.tp
+                teacher_tokenizer,
+                self.tokenizer,
+                teacher_meta.padded_vocab_size,
+                self.meta.padded_vocab_size,
+                cfg.parallel.tp,
             )
             self.teacher.eval().requires_grad_(False)
             log.info("teacher %s checksum %.10e", cfg.teacher, model_checksum(self.teacher))
+        opt = cfg.optimizer
         self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(
             student,
             OptimizerConfig(
-                lr=cfg.lr,
-                min_lr=cfg.min_lr,
-                weight_decay=cfg.weight_decay,
-                adam_beta1=cfg.adam_beta1,
-                adam_beta2=cfg.adam_beta2,
-                adam_eps=cfg.adam_eps,
-                clip_grad=cfg.clip_grad,
-                bf16=cfg.dtype == "bf16",
-                use_distributed_optimizer=cfg.use_distributed_optimizer,
+                lr=opt.lr,
+                min_lr=opt.min_lr,
+                weight_decay=opt.weight_decay,
+                adam_beta1=opt.adam_beta1,
+                adam_beta2=opt.adam_beta2,
+                adam_eps=opt.adam_eps,
+                clip_grad=opt.clip_grad,
+                bf16=cfg.training.dtype == "bf16",
+                use_distributed_optimizer=opt.use_distributed_optimizer,
             ),
-            train_iters=cfg.train_iters * self.steps_per_iteration,
-            lr_warmup_iters=cfg.lr_warmup_iters,
-            lr_decay_style=cfg.lr_decay_style,
+            train_iters=cfg.training.train_iters * self.steps_per_iteration,
+            lr_warmup_iters=opt.lr_warmup_iters,
+            lr_decay_style=opt.lr_decay_style,
         )
         self.data = InstructionDataset(cfg.data)
-        self.pt_data = PretrainDataset(cfg.pt_data, cfg.max_length + 1) if cfg.pt_data and cfg.lm_coef else None
+        pt_kind = self.objective.pretraining_kind
+        self.pt_data = PretrainDataset(cfg.pt_data, cfg.training.max_length + 1) if pt_kind else None
         self.timers = Timers()
-        self.rollout_stats: dict[str, float] = {}
+        self.sample_stats: dict[str, float] = {}
         self.preemption = PreemptionFlag()
 
     # ----------------------------------------------------------------------------------------------
-    # layout of the batches
+    # batches
+
+    @property
+    def on_policy(self) -> bool:
+        return self.objective.samples == "student"
 
     def _check_batches(self) -> None:
-        cfg, per_step = self.cfg, self.cfg.micro_batch_size * self.layout.dp
-        if cfg.global_batch_size % per_step:
+        t, per_step = self.cfg.training, self.cfg.training.micro_batch_size * self.layout.dp
+        if t.global_batch_size % per_step:
             raise ConfigError(
-                f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size "
-                f"x DP = {cfg.micro_batch_size} x {self.layout.dp}"
+                f"training.global_batch_size {t.global_batch_size} must be a multiple of micro_batch_size "
+                f"x DP = {t.micro_batch_size} x {self.layout.dp}"
             )
-        if cfg.algorithm == "minillm" and cfg.rollout_batch_size % cfg.global_batch_size:
+        if self.on_policy and self.cfg.rollout.batch_size % t.global_batch_size:
             raise ConfigError(
-                f"rollout_batch_size {cfg.rollout_batch_size} must be a multiple of "
-                f"global_batch_size {cfg.global_batch_size}"
+                f"rollout.batch_size {self.cfg.rollout.batch_size} must be a multiple of "
+                f"training.global_batch_size {t.global_batch_size}"
             )
 
     @property
     def steps_per_iteration(self) -> int:
-        if self.cfg.algorithm != "minillm":
+        if not self.on_policy:
             return 1
-        return self.cfg.ppo_epochs * self.cfg.rollout_batch_size // self.cfg.global_batch_size
+        return self.objective.epochs * self.cfg.rollout.batch_size // self.cfg.training.global_batch_size
 
     def _sample_ids(self, iteration: int, count: int) -> tuple[list[int], list[int]]:
         """(global sample ids, dataset indices) of this DP rank's share of iteration's ``count`` samples.
@@ -149,179 +171,94 @@ class Trainer:
             indices.append(int(torch.randperm(n, generator=gen)[k % n]))
         return ids, indices
 
-    def _pack(
-        self,
-        prompts: list[list[int]],
-        responses: list[list[int]],
-        kind: str | None = None,
-        **per_token: list[list[float]],
-    ) -> list[Batch]:
-        """Micro-batches [mbs, seq] of prompt + response, right-padded; the loss covers the positions
-        that predict response tokens, where ``per_token`` values (one per response token) go, and
-        the models compute logits only there ("logit_positions").
+    def _examples(self, indices: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Prompts (cut to max_prompt_length) and responses of dataset examples."""
+        pairs = [self.data[i] for i in indices]
+        limit = self.cfg.training.max_prompt_length
+        return [torch.from_numpy(p[:limit]) for p, _ in pairs], [torch.from_numpy(r) for _, r in pairs]
 
-        seq is the longest sequence of the call rounded up to a multiple of 8 (one optimizer step's
-        micro-batches share it), or max_length at PP > 1, where the pipeline sends fixed-size
-        activations. Right padding changes no value at the real positions (causal attention)."""
-        cfg = self.cfg
-        prompts = [p[: cfg.max_prompt_length] for p in prompts]
-        responses = [y[: cfg.max_length + 1 - len(p)] for p, y in zip(prompts, responses)]
-        seq = cfg.max_length
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            longest = max((len(p) + len(y) - 1 for p, y in zip(prompts, responses)), default=1)
-            seq = min(seq, -(-longest // 8) * 8)
-        batches = []
-        for start in range(0, len(prompts), cfg.micro_batch_size):
-            rows = range(start, min(start + cfg.micro_batch_size, len(prompts)))
-            tokens = torch.full((len(rows), seq + 1), self.tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros(len(rows), seq)
-            extra = {name: torch.zeros(len(rows), seq) for name in per_token}
-            for r, i in enumerate(rows):
-                p, y = prompts[i], responses[i]
-                tokens[r, : len(p) + len(y)] = torch.tensor(p + y)
-                mask[r, len(p) - 1 : len(p) - 1 + len(y)] = 1
-                for name, values in per_token.items():
-                    extra[name][r, len(p) - 1 : len(p) - 1 + len(y)] = torch.tensor(values[i][: len(y)])
-            batches.append(
-                {
-                    "tokens": tokens[:, :-1],
-                    "labels": tokens[:, 1:],
-                    "loss_mask": mask,
-                    "logit_positions": logit_positions(mask),
-                    "kind": kind or cfg.algorithm,
-                    "position_ids": torch.arange(seq).expand(len(rows), seq),
-                    **extra,
-                }
-            )
-        return batches
+    def _pack(self, kind: BatchKind, prompts: list[Tensor], responses: list[Tensor], **per_token) -> list[MicroBatch]:
+        """Micro-batches of ``kind``; one optimizer step's share their [mbs, s] (see ``sequence_length``)."""
+        t = self.cfg.training
+        seq = sequence_length(
+            [len(p) + len(y) for p, y in zip(prompts, responses)], t.max_length, fixed=self.layout.pp > 1
+        )
+        return pack(
+            prompts,
+            responses,
+            kind=kind.name,
+            micro_batch_size=t.micro_batch_size,
+            seq_length=seq,
+            pad_id=self.tokenizer.pad_id,
+            device=self.device,
+            **per_token,
+        )
 
-    def _pretrain_batches(self, step: int, count: int) -> list[Batch]:
-        """``count`` L_PT micro-batches for optimizer step ``step``: chunks (of max_length + 1 tokens)
-        with global ids [step G, (step + 1) G), this rank's contiguous share, as the rollouts."""
-        mbs, seq, local = self.cfg.micro_batch_size, self.cfg.max_length, self.cfg.global_batch_size // self.dp
-        first = step * self.cfg.global_batch_size + self.dp_rank * local
-        batches = []
-        for m in range(count):
-            ids = [(first + m * mbs + r) % len(self.pt_data) for r in range(mbs)]
-            chunks = torch.stack([torch.from_numpy(self.pt_data[i]) for i in ids])
-            batches.append(
-                {
-                    "tokens": chunks[:, :-1],
-                    "labels": chunks[:, 1:],
-                    "loss_mask": torch.ones(mbs, seq),
-                    "position_ids": torch.arange(seq).expand(mbs, seq),
-                    "kind": "pt",
-                }
-            )
-        return batches
+    def _pretrain_batches(self, kind: BatchKind, step: int, count: int) -> list[MicroBatch]:
+        """``count`` micro-batches of pretraining text for optimizer step ``step``: chunks (of
+        max_length + 1 tokens) with global ids [step G, (step + 1) G), this rank's contiguous share,
+        as the rollouts; the loss covers every position."""
+        t = self.cfg.training
+        first = step * t.global_batch_size + self.dp_rank * (t.global_batch_size // self.dp)
+        chunks = [
+            torch.from_numpy(self.pt_data[(first + r) % len(self.pt_data)]) for r in range(count * t.micro_batch_size)
+        ]
+        return pack(
+            [c[:1] for c in chunks],
+            [c[1:] for c in chunks],
+            kind=kind.name,
+            micro_batch_size=t.micro_batch_size,
+            seq_length=t.max_length,
+            pad_id=self.tokenizer.pad_id,
+            device=self.device,
+            logits_at_responses=False,
+        )
 
-    def _score_with_teacher(self, batches: list[Batch], keep_logits: bool, token_log_p: bool) -> None:
-        """One teacher forward over ``batches``; on the last stage store its logits (cache dtype, at
-        the batch's logit positions) and/or its raw log p(label) [b, s] (temperature 1: the reward
-        uses the teacher as is)."""
-        cfg = self.cfg
+    def _score(self, kind: BatchKind, batches: list[MicroBatch]) -> None:
+        """One teacher forward over ``batches``; on the last stage keep what ``kind``'s loss reads:
+        the logits (cache dtype, at the logit positions) and/or log p(label) [b, s] (temperature 1:
+        the reward uses the teacher as is)."""
+        if not kind.needs_teacher:
+            return
+        cache_dtype, vocab = DTYPES[self.cfg.training.teacher_cache_dtype], self.arch.vocab_size
 
-        def stash(batch: Batch, logits: torch.Tensor):
-            if keep_logits:
-                batch["teacher_logits"] = logits.detach().to(CACHE_DTYPES[cfg.teacher_cache_dtype])
-            if token_log_p:
-                pick = partial(at_logit_positions, batch)
-                log_p = token_log_probs(
-                    logits.detach().float(),
-                    pick(batch["labels"]),
-                    pick(batch["loss_mask"]),
-                    vocab_size=self.arch.vocab_size,
-                )
-                batch["log_p"] = scatter_logit_positions(batch, log_p)
-            return logits.new_zeros(()), {}
+        def outputs(batch: MicroBatch, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
+            log_p = None
+            if kind.teacher_log_p:
+                labels, mask = batch.pick(batch.labels), batch.pick(batch.loss_mask)
+                log_p = batch.scatter(token_log_probs(logits.float(), labels, mask, vocab_size=vocab))
+            return (logits.to(cache_dtype) if kind.teacher_logits else None), log_p
 
-        with torch.no_grad():
-            forward_backward(self.teacher, batches, stash, forward_only=True)
+        for batch, (logits, log_p) in zip(batches, forward_outputs(self.teacher, batches, outputs)):
+            batch.teacher_logits, batch.teacher_log_p = logits, log_p
+
+    def _train_step(self, batches: list[MicroBatch], iteration: int) -> list[dict]:
+        token_normalize(batches, self.dp, self.dp_group)
+        metrics, _ = train_step(
+            self.model, self.optimizer, self.scheduler, batches, self.objective.loss, where=f"iteration {iteration + 1}"
+        )
+        return metrics
 
     # ----------------------------------------------------------------------------------------------
-    # losses (last pipeline stage)
+    # one iteration
 
-    def _loss(self, batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-token terms summed and divided by the step's token count over all micro-batches and DP
-        ranks (``batch["scale"]``, see :meth:`_normalize`): the gradient is the token mean of the whole
-        optimizer step, whatever the micro-batch size or DP layout. Per-token tensors are picked at
-        the logit positions (the logits' layout)."""
-        cfg, vocab, scale, pick = self.cfg, self.arch.vocab_size, batch["scale"], partial(at_logit_positions, batch)
-        mask, labels = pick(batch["loss_mask"]), pick(batch["labels"])
-        kind = batch.get("kind", cfg.algorithm)
-        teacher = batch["teacher_logits"].to(logits.dtype) if "teacher_logits" in batch else None
-        terms: dict[str, torch.Tensor] = {}
-        if kind in ("pt", "kd", "sft", "seqkd"):
-            terms["lm loss"] = -token_log_probs(logits, labels, mask, vocab_size=vocab)
-        if kind in ("pt", "kd"):
-            terms["kd loss"] = forward_kl(logits, teacher, mask, vocab_size=vocab)
-        if kind == "minillm":
-            if cfg.policy_gradient:
-                log_q = token_log_probs(logits, labels, mask, temperature=cfg.temperature, vocab_size=vocab)
-                terms["pg loss"] = minillm.ppo_clipped_loss(
-                    log_q,
-                    pick(batch["log_q_old"]),
-                    pick(batch["weight"]),
-                    pick(batch["advantages"]),
-                    mask,
-                    cfg.clip_eps,
-                )
-            if cfg.single_step:  # L_Single: the full-vocabulary reverse KL at every response position
-                terms["single-step loss"] = reverse_kl(
-                    logits, teacher, mask, temperature=cfg.temperature, vocab_size=vocab
-                )
-        if kind == "rkl_offpolicy":
-            terms["rkl loss"] = reverse_kl(logits, teacher, mask, vocab_size=vocab)
-        sums = {name: (value * mask).sum() * scale for name, value in terms.items()}
-        if kind in ("pt", "kd"):  # (1 - kd_ratio) CE + kd_ratio forward KL, the L_PT term weighted by lm_coef
-            loss = (1 - cfg.kd_ratio) * sums["lm loss"] + cfg.kd_ratio * sums["kd loss"]
-            loss = loss * (cfg.lm_coef if kind == "pt" else 1.0)
-        else:
-            loss = sum(sums.values())
-        prefix = "pt " if kind == "pt" else ""
-        return loss, {prefix + name: value.detach() for name, value in sums.items()}
-
-    def _normalize(self, batches: list[Batch]) -> None:
-        """Give each micro-batch ``scale`` = (micro-batches x DP) / (tokens of its kind in the step
-        over all DP ranks), undoing megatron's mean over micro-batches and DP ranks."""
-        kinds = sorted({b.get("kind", self.cfg.algorithm) for b in batches})
-        counts = torch.tensor(
-            [
-                sum(float(b["loss_mask"].sum()) for b in batches if b.get("kind", self.cfg.algorithm) == k)
-                for k in kinds
-            ],
-            dtype=torch.float64,
-        )
-        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        for b in batches:
-            tokens = counts[kinds.index(b.get("kind", self.cfg.algorithm))].item()
-            b["scale"] = len(batches) * self.dp / max(tokens, 1.0)
-
-    # ----------------------------------------------------------------------------------------------
-    # one iteration of each algorithm
-
-    def _rollouts(self, iteration: int) -> tuple[list[list[int]], "list"]:
+    def _rollouts(self, iteration: int) -> tuple[list[Tensor], list[Rollout]]:
         cfg = self.cfg
-        ids, indices = self._sample_ids(iteration, cfg.rollout_batch_size)
-        prompts = [self.data[i][0][: cfg.max_prompt_length].tolist() for i in indices]
-        params = SamplingParams(
-            max_new_tokens=cfg.max_length - cfg.max_prompt_length,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            mix_alpha=cfg.mix_alpha,
-            stop_ids=(self.tokenizer.eos_id,),
-        )
+        ids, indices = self._sample_ids(iteration, cfg.rollout.batch_size)
+        prompts, _ = self._examples(indices)
+        max_new = cfg.training.max_length - cfg.training.max_prompt_length
+        params = cfg.rollout.sampling_params(max_new, (self.tokenizer.eos_id,))
         rollouts = []
-        chunks = range(0, len(prompts), cfg.rollout_micro_batch_size)
+        chunks = range(0, len(prompts), cfg.rollout.micro_batch_size)
         for start in tqdm(
             chunks,
             desc=f"rollouts of iteration {iteration + 1}",
             leave=False,
             disable=dist.get_rank() != 0 or len(chunks) < 2,
         ):
-            chunk = slice(start, start + cfg.rollout_micro_batch_size)
+            chunk = slice(start, start + cfg.rollout.micro_batch_size)
             seeds = sample_seeds(cfg.seed + 7919 * (iteration + 1), torch.tensor(ids[chunk]))
+            teacher = self.teacher if params.mix_alpha else None
             rollouts.append(
                 generate(
                     self.model,
@@ -329,193 +266,163 @@ class Trainer:
                     params,
                     seeds,
                     vocab_size=self.arch.vocab_size,
-                    teacher=self.teacher if cfg.mix_alpha else None,
+                    teacher=teacher,
                     pad_id=self.tokenizer.pad_id,
                 )
             )
         return prompts, rollouts
 
-    def _minillm_iteration(self, iteration: int) -> list[dict]:
-        cfg = self.cfg
+    def _on_policy_iteration(self, iteration: int) -> list[dict]:
+        cfg, objective = self.cfg, self.objective
+        kind, pt_kind = objective.main_kind, objective.pretraining_kind
         start = time.perf_counter()
         prompts, rollouts = self._rollouts(iteration)
         responses, log_q_old, weights = [], [], []
-        for r in rollouts:
-            for row in range(r.tokens.shape[0]):
-                keep = r.mask[row]
-                responses.append(r.tokens[row][keep].tolist())
-                log_q_old.append(r.log_q[row][keep].tolist())
-                weights.append((r.log_q[row][keep] - r.log_mix[row][keep]).exp().tolist())  # w_t = q / p~
+        for rollout in rollouts:
+            tokens, log_q, w = response_tensors(rollout)
+            responses, log_q_old, weights = responses + tokens, log_q_old + log_q, weights + w
         self.timers.add("rollout", start)
 
         # Optimizer step k takes the rollouts with global ids [k G, (k + 1) G): this rank's share of
         # them is a contiguous slice, so the steps are the same sets of samples at any DP size.
         start = time.perf_counter()
-        local = cfg.global_batch_size // self.dp
+        local = cfg.training.global_batch_size // self.dp
         steps = [
             self._pack(
+                kind,
                 prompts[i : i + local],
                 responses[i : i + local],
                 log_q_old=log_q_old[i : i + local],
-                weight=weights[i : i + local],
-                kind="minillm",
+                importance_weight=weights[i : i + local],
             )
             for i in range(0, len(prompts), local)
         ]
-        scored = [b for step in steps for b in step]
-        self._score_with_teacher(scored, keep_logits=cfg.single_step, token_log_p=True)
+        samples = [b for step in steps for b in step]
+        self._score(kind, samples)
         if self.is_last_stage:
-            for b in scored:
-                b["rewards"] = minillm.token_rewards(
-                    b["log_p"], b["log_q_old"], b["loss_mask"], cfg.reward_scaling, cfg.reward_clip
-                )
-        self.rollout_stats = self._rollout_stats(scored, responses)
+            objective.prepare_samples(samples)
+        self.sample_stats = self._sample_stats(samples, responses)
         self.timers.add("score", start)
 
-        # Each PPO epoch visits the steps in a new order (LMOps reshuffles the buffer; keeping the
-        # sets is what makes DP layouts agree).
+        # Each epoch visits the steps in a new order (LMOps reshuffles the buffer; keeping the sets
+        # is what makes DP layouts agree).
         start = time.perf_counter()
         metrics = []
-        for epoch in range(cfg.ppo_epochs):
+        for epoch in range(objective.epochs):
             gen = torch.Generator().manual_seed(cfg.seed + 104729 * iteration + epoch)
             for k in torch.randperm(len(steps), generator=gen).tolist():
-                micro = [dict(b) for b in steps[k]]
-                if self.is_last_stage and cfg.policy_gradient:
-                    self._advantages(micro)
-                if self.pt_data is not None:
-                    pt = self._pretrain_batches(int(self.scheduler.num_steps), len(micro))
-                    self._score_with_teacher(pt, keep_logits=True, token_log_p=False)
+                micro = [b.replace() for b in steps[k]]
+                if self.is_last_stage:
+                    objective.prepare_step(micro, self.dp_group)
+                if pt_kind is not None:
+                    pt = self._pretrain_batches(pt_kind, int(self.scheduler.num_steps), len(micro))
+                    self._score(pt_kind, pt)
                     micro = [m for pair in zip(micro, pt) for m in pair]
-                self._normalize(micro)
-                step_metrics, _ = train_step(
-                    self.model, self.optimizer, self.scheduler, micro, self._loss, where=f"iteration {iteration + 1}"
-                )
-                metrics += step_metrics
+                metrics += self._train_step(micro, iteration)
         self.timers.add("train", start)
         return metrics
 
-    def _advantages(self, batches: list[Batch]) -> None:
-        """A_t of one optimizer step, from the stored rewards: discounted returns, length-normalised,
-        whitened over the step's tokens on all DP ranks."""
-        cfg = self.cfg
-        mask = torch.cat([b["loss_mask"] for b in batches])
-        returns = minillm.discounted_returns(torch.cat([b["rewards"] for b in batches]), mask, cfg.gamma)
-        if cfg.length_norm:
-            returns = minillm.length_normalized(returns, mask)
-        if cfg.whiten:
-            returns = minillm.whiten(returns, mask, parallel_state.get_data_parallel_group())
-        for b, a in zip(batches, returns.split([b["loss_mask"].shape[0] for b in batches])):
-            b["advantages"] = a
-
-    def _rollout_stats(self, batches: list[Batch], responses: list[list[int]]) -> dict[str, float]:
-        """Mean reward, reverse KL to the teacher on the samples (mean of log q - log p) and length."""
-        stats = torch.tensor(
-            [0.0, 0.0, 0.0, float(sum(map(len, responses))), float(len(responses))], dtype=torch.float64
-        )
-        if self.is_last_stage:
-            for b in batches:
-                m = b["loss_mask"]
-                stats[0] += (b["rewards"] * m).sum()
-                stats[1] += ((b["log_q_old"] - b["log_p"]) * m).sum()
-                stats[2] += m.sum()
-        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-        tokens = max(stats[2].item(), 1.0)
-        return {
-            "reward": stats[0].item() / tokens,
-            "rkl to teacher": stats[1].item() / tokens,
-            "response length": stats[3].item() / max(stats[4].item(), 1.0),
-        }
-
-    def _supervised_iteration(self, iteration: int) -> list[dict]:
-        cfg = self.cfg
+    def _off_policy_iteration(self, iteration: int) -> list[dict]:
+        cfg, kind = self.cfg, self.objective.main_kind
         start = time.perf_counter()
-        ids, indices = self._sample_ids(iteration, cfg.global_batch_size)
-        pairs = [self.data[i] for i in indices]
-        prompts = [p[: cfg.max_prompt_length].tolist() for p, _ in pairs]
-        responses = [r.tolist() for _, r in pairs]
-        if cfg.algorithm == "seqkd":  # SFT on the teacher's own samples (alpha = 1), fixed per example
-            params = SamplingParams(
-                max_new_tokens=cfg.max_length - cfg.max_prompt_length,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                stop_ids=(self.tokenizer.eos_id,),
-            )
+        _, indices = self._sample_ids(iteration, cfg.training.global_batch_size)
+        prompts, responses = self._examples(indices)
+        if self.objective.samples == "teacher":  # drawn once per example: its seed is the example's
+            max_new = cfg.training.max_length - cfg.training.max_prompt_length
             rollout = generate(
                 self.teacher,
                 prompts,
-                params,
+                cfg.rollout.sampling_params(max_new, (self.tokenizer.eos_id,), mix=False),
                 sample_seeds(cfg.seed, torch.tensor(indices)),
                 vocab_size=self.arch.vocab_size,
                 pad_id=self.tokenizer.pad_id,
             )
-            responses = rollout.responses()
+            responses = response_tensors(rollout)[0]
         self.timers.add("rollout", start)
         start = time.perf_counter()
-        batches = self._pack(prompts, responses)
-        if cfg.algorithm in ("kd", "rkl_offpolicy"):
-            self._score_with_teacher(batches, keep_logits=True, token_log_p=False)
+        batches = self._pack(kind, prompts, responses)
+        self._score(kind, batches)
         self.timers.add("score", start)
         start = time.perf_counter()
-        self._normalize(batches)
-        metrics, _ = train_step(
-            self.model, self.optimizer, self.scheduler, batches, self._loss, where=f"iteration {iteration + 1}"
-        )
+        metrics = self._train_step(batches, iteration)
         self.timers.add("train", start)
-        self.rollout_stats = {"response length": sum(map(len, responses)) / max(len(responses), 1)}
+        self.sample_stats = {"response length": sum(map(len, responses)) / max(len(responses), 1)}
         return metrics
 
-    # ----------------------------------------------------------------------------------------------
+    def _sample_stats(self, batches: list[MicroBatch], responses: list[Tensor]) -> dict[str, float]:
+        """The objective's statistics of the samples as token means over all DP ranks, and the mean
+        response length."""
+        sums = self.objective.sample_stats(batches) if self.is_last_stage else {}
+        tokens = sum(b.loss_mask.sum() for b in batches) if self.is_last_stage else 0.0
+        stats = torch.tensor(
+            [*map(float, sums.values()), float(tokens), float(sum(map(len, responses))), float(len(responses))],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        dist.all_reduce(stats, group=self.dp_group)
+        *values, tokens, length, count = stats.tolist()
+        out = {name: value / max(tokens, 1.0) for name, value in zip(sums, values)}
+        out["response length"] = length / max(count, 1.0)
+        return out
 
     def iteration(self, iteration: int) -> dict[str, float]:
         """Run one iteration; return its metrics averaged over micro-batches and DP ranks (last stage)."""
-        run = self._minillm_iteration if self.cfg.algorithm == "minillm" else self._supervised_iteration
+        run = self._on_policy_iteration if self.on_policy else self._off_policy_iteration
         metrics = run(iteration)
         names = sorted({k for m in metrics for k in m})
         # Each micro-batch carries its share of the step's token mean: the mean over micro-batches
         # (and DP ranks) is the token mean of the step, averaged over the iteration's steps.
         values = torch.tensor(
-            [sum(float(m.get(k, 0.0)) for m in metrics) / max(len(metrics), 1) for k in names], dtype=torch.float64
+            [sum(float(m.get(k, 0.0)) for m in metrics) / max(len(metrics), 1) for k in names],
+            dtype=torch.float64,
+            device=self.device,
         )
         if self.is_last_stage and names:
-            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+            dist.all_reduce(values, group=self.dp_group)
             values /= self.dp
         out = dict(zip(names, values.tolist()))
-        out.update(self.rollout_stats)
+        out.update(self.sample_stats)
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
+    # ----------------------------------------------------------------------------------------------
+    # the run
+
     def run(self) -> dict[str, float]:
-        """Train from the latest checkpoint in ``save`` (if any) to ``train_iters``; return the last metrics."""
-        cfg = self.cfg
+        """Train from the latest checkpoint in ``checkpoint.save`` (if any) to ``train_iters``; return
+        the last metrics."""
+        cfg, save = self.cfg, self.cfg.checkpoint.save
         start_iteration = self._resume()
         writer = self._tensorboard()
         metrics: dict[str, float] = {}
         last_log = time.perf_counter()
-        for iteration in range(start_iteration, cfg.train_iters):
+        train_iters = cfg.training.train_iters
+        for iteration in range(start_iteration, train_iters):
             metrics = self.iteration(iteration)
-            if (iteration + 1) % cfg.log_interval == 0 or iteration + 1 == cfg.train_iters:
+            if (iteration + 1) % cfg.logging.log_interval == 0 or iteration + 1 == train_iters:
                 elapsed = time.perf_counter() - last_log
                 self._log(iteration + 1, metrics, elapsed, writer)
                 last_log, self.timers = time.perf_counter(), Timers()
-            final = iteration + 1 == cfg.train_iters
+            final = iteration + 1 == train_iters
             stop = self.preemption.should_stop()  # collective: every rank, every iteration
-            if cfg.save and (final or stop or (cfg.save_interval and (iteration + 1) % cfg.save_interval == 0)):
+            interval = cfg.checkpoint.save_interval
+            if save and (final or stop or (interval and (iteration + 1) % interval == 0)):
                 self._save(iteration + 1)
             if stop and not final:
-                log.info("SIGTERM: stopping after iteration %d%s", iteration + 1, " (saved)" if cfg.save else "")
+                log.info("SIGTERM: stopping after iteration %d%s", iteration + 1, " (saved)" if save else "")
                 break
         return metrics
 
     def _resume(self) -> int:
-        """The iteration to start from: that of the latest checkpoint in ``save``, else 0."""
-        if not self.cfg.save:
+        """The iteration to start from: that of the latest checkpoint in ``checkpoint.save``, else 0."""
+        save = self.cfg.checkpoint.save
+        if not save:
             return 0
-        found = load_training_checkpoint(self.cfg.save, self.model, self.optimizer, self.scheduler, self.arch)
+        found = load_training_checkpoint(save, self.model, self.optimizer, self.scheduler, self.arch)
         if found is None:
             return 0
         iteration, _ = found
-        log.info("resumed from %s at iteration %d", self.cfg.save, iteration)
+        log.info("resumed from %s at iteration %d", save, iteration)
         return iteration
 
     def _save(self, iteration: int) -> None:
@@ -523,7 +430,7 @@ class Trainer:
         the iteration itself (see :meth:`_sample_ids`)."""
         state = {"iteration": iteration, "config": self.cfg.to_dict()}
         save_training_checkpoint(
-            self.cfg.save,
+            self.cfg.checkpoint.save,
             iteration,
             self.model,
             self.optimizer,
@@ -536,17 +443,14 @@ class Trainer:
     def _log(self, iteration: int, metrics: dict[str, float], elapsed: float, writer) -> None:
         if dist.get_rank() != dist.get_world_size() - 1:  # the last rank holds the last stage's metrics
             return
-        shares = self.timers.seconds
+        cfg, shares = self.cfg, self.timers.seconds
         total = sum(shares.values()) or 1.0
-        samples = self.cfg.rollout_batch_size if self.cfg.algorithm == "minillm" else self.cfg.global_batch_size
-        tokens_per_s = metrics.get("response length", 0.0) * samples * self.cfg.log_interval / max(elapsed, 1e-9)
-        parts = [f"iteration {iteration:6d}/{self.cfg.train_iters}", f"lr {metrics['lr']:.3e}"]
+        samples = cfg.rollout.batch_size if self.on_policy else cfg.training.global_batch_size
+        tokens_per_s = metrics.get("response length", 0.0) * samples * cfg.logging.log_interval / max(elapsed, 1e-9)
+        parts = [f"iteration {iteration:6d}/{cfg.training.train_iters}", f"lr {metrics['lr']:.3e}"]
         parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k != "lr"]
-        parts.append(
-            "rollout/score/train "
-            + "/".join(f"{100 * shares.get(k, 0.0) / total:.0f}" for k in ("rollout", "score", "train"))
-            + " %"
-        )
+        phases = "/".join(f"{100 * shares.get(k, 0.0) / total:.0f}" for k in ("rollout", "score", "train"))
+        parts.append(f"rollout/score/train {phases} %")
         parts += [
             f"response tokens/s {tokens_per_s:.1f}",
             f"peak mem {self._peak_memory_gb():.2f} GB",
@@ -559,11 +463,11 @@ class Trainer:
             writer.flush()
 
     def _tensorboard(self):
-        if not self.cfg.tensorboard_dir or dist.get_rank() != dist.get_world_size() - 1:
+        if not self.cfg.logging.tensorboard_dir or dist.get_rank() != dist.get_world_size() - 1:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(self.cfg.tensorboard_dir)
+        return SummaryWriter(self.cfg.logging.tensorboard_dir)
 
     @staticmethod
     def _peak_memory_gb() -> float:

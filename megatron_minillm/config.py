@@ -1,0 +1,318 @@
+"""The training configuration: dataclass sections, a YAML file and ``section.key=value`` overrides.
+
+Defaults reproduce the MiniLLM reference recipe (../shared/docs/MINILLM_DEFAULTS.md); baselines
+(SFT, KD, SeqKD) take the same sections with their own learning rate etc. set in their YAML files.
+Every field is declared once, with its one-line description, by :func:`knob`; ``--help`` of the
+training entry point prints them by section (:func:`describe`).
+
+    algorithm: minillm            # top-level keys: what to train, from what
+    student: /ckpt/student
+    optimizer:                    # a section: a mapping in YAML, optimizer.lr=1e-5 on the command line
+      lr: 5.0e-6
+
+The keys of the flat layout used before the sections (``lr``, ``rollout_batch_size``, ...) are
+refused with the new key named (:data:`MOVED_KEYS`).
+"""
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_minillm.sampling.params import SamplingParams
+
+# The objectives of megatron_minillm.algorithms, by config name (a test checks the two agree).
+ALGORITHMS = {
+    "minillm": "MiniLLM: on-policy reverse KL by policy gradient (+ single-step term, + L_PT)",
+    "sft": "supervised fine-tuning on the dataset's responses",
+    "kd": "word-level KD: (1 - kd_ratio) CE + kd_ratio forward KL to the teacher on the dataset",
+    "seqkd": "sequence-level KD: SFT on the teacher's sampled responses",
+    "rkl_offpolicy": "reverse KL to the teacher on the dataset's responses (off-policy)",
+}
+DTYPES = ("fp32", "bf16")  # training and teacher-cache dtypes (models.builder.DTYPES maps names to torch)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (unknown key, bad value, missing path)."""
+
+
+def knob(default: Any, help: str) -> Any:
+    """A config field with its one-line description (shown by ``--help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _at_least_one(section: object, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(section, name)}")
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallelism of student and teacher (DP = world size / (TP x PP))."""
+
+    tp: int = knob(1, "tensor-parallel size")
+    pp: int = knob(1, "pipeline-parallel size")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "tp", "pp")
+
+
+@dataclass
+class TrainingConfig:
+    """Iterations, batches, sequence lengths and precision."""
+
+    train_iters: int = knob(
+        313, "minillm: rollout iterations (313 x 256 x 4 / 64 = 5008 steps, LMOps: 5000); others: steps"
+    )
+    micro_batch_size: int = knob(4, "sequences per micro-batch and DP rank")
+    global_batch_size: int = knob(16, "sequences per optimizer step over all DP ranks")
+    max_prompt_length: int = knob(256, "prompts are cut to this many tokens")
+    max_length: int = knob(512, "prompt + response: the training sequence length")
+    dtype: str = knob("fp32", "fp32 | bf16 (bf16 on GPU)")
+    teacher_cache_dtype: str = knob("bf16", "teacher logits kept for L_Single / L_PT / KD: fp32 | bf16")
+    recompute: bool = knob(False, "full activation recomputation of every layer")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "train_iters", "micro_batch_size", "global_batch_size")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ConfigError(f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length})")
+        if self.dtype not in DTYPES or self.teacher_cache_dtype not in DTYPES:
+            raise ConfigError(f"dtype and teacher_cache_dtype must be one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (megatron DDP + distributed optimizer) and its learning-rate schedule."""
+
+    lr: float = knob(5e-6, "peak learning rate")
+    min_lr: float = knob(0.0, "learning rate at the end of the decay")
+    lr_warmup_iters: int = knob(100, "linear warmup, in optimizer steps")
+    lr_decay_style: str = knob("constant", "constant | cosine | linear")
+    weight_decay: float = knob(1e-6, "AdamW weight decay (not on biases and norms)")
+    adam_beta1: float = knob(0.9, "AdamW beta1")
+    adam_beta2: float = knob(0.95, "AdamW beta2")
+    adam_eps: float = knob(1e-8, "AdamW epsilon")
+    clip_grad: float = knob(1.0, "gradient-norm clipping")
+    use_distributed_optimizer: bool = knob(True, "shard the optimizer state over DP ranks (ZeRO-1)")
+
+    def __post_init__(self) -> None:
+        if self.lr_decay_style not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"lr_decay_style {self.lr_decay_style!r} is not constant, cosine or linear")
+
+
+@dataclass
+class RolloutConfig:
+    """On-policy sampling (minillm; seqkd samples the teacher with the same warpers)."""
+
+    batch_size: int = knob(256, "rollouts per iteration over all DP ranks")
+    micro_batch_size: int = knob(16, "prompts per sampler call")
+    mix_alpha: float = knob(0.2, "teacher-mixed sampling p~ = alpha p + (1 - alpha) q; 0: the student alone")
+    temperature: float = knob(1.0, "sampling temperature (also the temperature of MiniLLM's loss terms)")
+    top_k: int = knob(0, "top-k warper; 0: off")
+    top_p: float = knob(1.0, "top-p warper; 1: off")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "batch_size", "micro_batch_size")
+        if not 0 <= self.mix_alpha <= 1:
+            raise ConfigError(f"rollout.mix_alpha ({self.mix_alpha}) must be in [0, 1]")
+
+    def sampling_params(self, max_new_tokens: int, stop_ids: Sequence[int], mix: bool = True) -> SamplingParams:
+        """The sampler's settings; ``mix=False`` samples without the teacher mixture (SeqKD's teacher)."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            mix_alpha=self.mix_alpha if mix else 0.0,
+            stop_ids=tuple(stop_ids),
+        )
+
+
+@dataclass
+class MiniLLMConfig:
+    """MiniLLM's loss terms and policy gradient (Algorithm 1; defaults: LMOps)."""
+
+    ppo_epochs: int = knob(4, "passes over each rollout batch")
+    gamma: float = knob(0.95, "discount of the long-term return")
+    clip_eps: float = knob(0.2, "PPO clipping of the importance-weighted ratio")
+    reward_scaling: float = knob(0.5, "rewards log p/q are divided by this")
+    reward_clip: float = knob(100.0, "rewards are clipped to [-reward_clip, reward_clip]")
+    length_norm: bool = knob(True, "length-normalised returns (R_Norm)")
+    whiten: bool = knob(True, "whiten the advantages over the optimizer step (all DP ranks)")
+    policy_gradient: bool = knob(True, "the PPO-clipped long-term term; false: L_Single (+ L_PT) only")
+    single_step: bool = knob(True, "the single-step reverse-KL term L_Single")
+    lm_coef: float = knob(1.0, "weight of L_PT (needs pt_data)")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "ppo_epochs")
+        if not (self.policy_gradient or self.single_step):
+            raise ConfigError(
+                "minillm with policy_gradient=false and single_step=false has no rollout loss; keep at least one of them"
+            )
+
+
+@dataclass
+class KDConfig:
+    """Word-level KD, also the form of MiniLLM's L_PT."""
+
+    kd_ratio: float = knob(0.5, "(1 - kd_ratio) CE + kd_ratio forward KL")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.kd_ratio <= 1:
+            raise ConfigError(f"kd.kd_ratio ({self.kd_ratio}) must be in [0, 1]")
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints (iter_XXXXXXX/, latest), resumed from when present."""
+
+    save: str | None = knob(None, "checkpoint directory; None: no checkpoints")
+    save_interval: int = knob(0, "iterations between saves; 0: only at the end and on SIGTERM")
+
+
+@dataclass
+class LoggingConfig:
+    """The iteration log line and TensorBoard."""
+
+    log_interval: int = knob(1, "iterations between log lines")
+    tensorboard_dir: str | None = knob(None, "TensorBoard event directory; None: off")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "log_interval")
+
+
+@dataclass
+class TrainConfig:
+    """What to train from what (top-level keys), and how (sections)."""
+
+    algorithm: str = knob("minillm", " | ".join(ALGORITHMS))
+    student: str = knob("", "native checkpoint directory (tools/checkpoint/convert.py hf-to-mcore)")
+    teacher: str | None = knob(None, "native checkpoint directory; every algorithm but sft needs one")
+    data: str = knob("", "instruction dataset prefix (tools/preprocess_data.py instructions)")
+    pt_data: str | None = knob(None, "pretraining dataset prefix for L_PT (minillm); None: no L_PT")
+    seed: int = knob(1234, "seeds data order, sampling and initialisation")
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+
+    def check_paths(self) -> None:
+        """The checkpoints and data a training run needs (the memory planner plans without them)."""
+        if self.algorithm != "sft" and not self.teacher:
+            raise ConfigError(f"algorithm {self.algorithm} needs a teacher checkpoint (teacher=...)")
+        if not self.student:
+            raise ConfigError("student: give the student checkpoint directory")
+        if not self.data:
+            raise ConfigError("data: give the instruction dataset prefix (tools/preprocess_data.py)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.default_factory)
+}
+# Keys of the flat layout before the sections -> their section keys.
+MOVED_KEYS = {
+    f.name: f"{section}.{f.name}"
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if section != "rollout"
+} | {
+    "rollout_batch_size": "rollout.batch_size",
+    "rollout_micro_batch_size": "rollout.micro_batch_size",
+    **{name: f"rollout.{name}" for name in ("mix_alpha", "temperature", "top_k", "top_p")},
+}
+
+
+def load_config(path: str | None, overrides: Sequence[str] = (), require_paths: bool = True) -> TrainConfig:
+    """A YAML file's values, then ``key=value`` / ``section.key=value`` overrides (values parsed as
+    YAML: 1e-5, true, null); ``require_paths``: :meth:`TrainConfig.check_paths` too."""
+    values: dict[str, Any] = {}
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"no config file at {path}")
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        section, dot, name = key.strip().partition(".")
+        if dot:
+            if not isinstance(values.setdefault(section, {}), dict):
+                raise ConfigError(f"{section} is a section of keys, not a value")
+            values[section][name] = yaml.safe_load(raw)
+        else:
+            values[section] = yaml.safe_load(raw)
+    cfg = _build(TrainConfig, values, "")
+    if require_paths:
+        cfg.check_paths()
+    return cfg
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """``cls`` from a mapping, sections recursively; unknown and moved keys are named."""
+    types = typing.get_type_hints(cls)
+    moved = sorted(f"{k} (now {MOVED_KEYS[k]})" for k in values if not prefix and k in MOVED_KEYS)
+    if moved:
+        raise ConfigError(f"config keys moved into sections: {', '.join(moved)}")
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        known = ", ".join(prefix + k for k in types)
+        raise ConfigError(f"unknown config keys {[prefix + k for k in unknown]}; known keys: {known}")
+    kwargs = {}
+    for name, value in values.items():
+        if name in SECTIONS and not prefix:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} is a section: give a mapping (or {name}.KEY=VALUE), got {value!r}")
+            kwargs[name] = _build(SECTIONS[name], value, f"{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, types[name])
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """YAML reads 1e-5 as a string and 5 as an int: convert to the field's type, or say what is wrong."""
+    if value is None:
+        return None
+    target = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+    if target is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name}: expected {target.__name__}, got {value!r}")
+
+
+def describe() -> str:
+    """Every key with its default and description, by section (the training CLI's ``--help``)."""
+    lines = ["algorithms:"] + [f"  {name:<15} {text}" for name, text in ALGORITHMS.items()]
+
+    def rows(cls: type, prefix: str) -> list[str]:
+        return [
+            f"  {prefix + f.name:<34} {f.default!r:<12} {f.metadata['help']}"
+            for f in dataclasses.fields(cls)
+            if "help" in f.metadata
+        ]
+
+    lines += ["", "keys (default, description):"] + rows(TrainConfig, "")
+    for section, cls in SECTIONS.items():
+        lines += ["", f"{section}: {cls.__doc__.strip()}"] + rows(cls, f"{section}.")
+    return "\n".join(lines)
