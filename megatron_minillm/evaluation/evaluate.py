@@ -36,10 +36,11 @@ from megatron_minillm.evaluation.metrics import (
 )
 from megatron_minillm.evaluation.report import ModelResults, write_report
 from megatron_minillm.losses import forward_kl, reverse_kl
-from megatron_minillm.models import Architecture, load_architecture, mask_padded_vocab
+from megatron_minillm.models import Architecture, load_architecture
+from megatron_minillm.parallel.vocab import gather_ids, log_softmax, mask_padded_vocab
 from megatron_minillm.platform import device
 from megatron_minillm.sampling import SamplingParams, generate_all
-from megatron_minillm.sampling import vocab_parallel as vp
+from megatron_minillm.sampling.vocab_parallel import argmax
 from megatron_minillm.training.schedule import forward_outputs
 
 logger = logging.getLogger(__name__)
@@ -249,8 +250,8 @@ def _confidence(vocab_size: int) -> TokenStats:
 
     def stats(logits: Tensor, _: Tensor | None, batch: MicroBatch) -> dict[str, Tensor]:
         rows = mask_padded_vocab(logits, vocab_size)[0].float()
-        predicted = vp.argmax(rows)
-        confidence = vp.gather_ids(vp.log_softmax(rows), predicted).exp()
+        predicted = argmax(rows)
+        confidence = gather_ids(log_softmax(rows), predicted).exp()
         labels = batch.pick(batch.labels)[0]
         return {"confidence": confidence, "correct": (predicted == labels).float()}
 
