@@ -286,35 +286,3 @@ def total_variation_distance(
         options,
         tp_group,
     )
-
-
-def minillm_single_step_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    temperature: float = 1.0,
-    vocab_size: int | None = None,
-    length_normalize: bool = False,
-    options: KernelOptions = _DEFAULT,
-    tp_group: dist.ProcessGroup | None = None,
-) -> Tensor:
-    """MiniLLM's single-step term L_Single: the full-vocabulary reverse KL KL(q_t || p_t) at every
-    response position t (``loss_mask``), whose gradient is (grad L)_Single of MiniLLM Eq. 3.
-
-    As LMOps ``Loss._reg_loss``: the exact expectation of the one-step reward under q (no sampling,
-    no importance weight w_t of Eq. 5), temperature and sampling mask on both logits (pass them
-    masked alike), token mean over the micro-batch. ``length_normalize``: mean over each sequence's
-    response tokens, then over sequences (every response weighs the same, in the spirit of Eq. 6,
-    which normalises the long-term return R_{t+1} by the remaining length).
-    """
-    return reverse_kl(
-        student_logits,
-        teacher_logits,
-        loss_mask,
-        temperature=temperature,
-        vocab_size=vocab_size,
-        reduction="sequence_mean" if length_normalize else "token_mean",
-        options=options,
-        tp_group=tp_group,
-    )
