@@ -202,7 +202,8 @@ def worker(name: str) -> None:
     t.dp_rank, t.is_last_stage = parallel_state.get_data_parallel_rank(), parallel_state.is_pipeline_last_stage()
     t.dp_group = parallel_state.get_data_parallel_group()
     t.arch = student_arch
-    t.objective = MiniLLM(cfg, student_arch.vocab_size)
+    t.tp_group = parallel_state.get_tensor_model_parallel_group()
+    t.objective = MiniLLM(cfg, student_arch.vocab_size, tp_group=t.tp_group)
     t._check_batches()
     student = build_model(student_arch, dtype=t_cfg.dtype)
     t.teacher = build_model(teacher_arch, dtype=t_cfg.dtype).eval().requires_grad_(False)

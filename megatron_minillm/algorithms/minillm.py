@@ -74,13 +74,24 @@ def ppo_clipped_loss(
 
 
 def single_step_loss(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float, vocab_size: int
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    temperature: float,
+    vocab_size: int,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """L_Single per token: the full-vocabulary reverse KL KL(q_t || p_t) at every response position,
     whose gradient is (grad L)_Single of Eq. 3 (the exact expectation of the one-step reward under q:
     no sampling, no importance weight, as LMOps ``Loss._reg_loss``); both logits at ``temperature``."""
     return reverse_kl(
-        student_logits, teacher_logits, mask, temperature=temperature, vocab_size=vocab_size, reduction="none"
+        student_logits,
+        teacher_logits,
+        mask,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        reduction="none",
+        tp_group=tp_group,
     )
 
 
@@ -112,13 +123,16 @@ class MiniLLM(Objective):
 
     def loss(self, batch: MicroBatch, logits: Tensor) -> tuple[Tensor, Metrics]:
         if batch.kind == "pt":
-            loss, metrics = word_level_kd_loss(batch, logits, self.cfg.kd.kd_ratio, self.vocab_size, prefix="pt ")
+            kd_ratio, group = self.cfg.kd.kd_ratio, self.tp_group
+            loss, metrics = word_level_kd_loss(batch, logits, kd_ratio, self.vocab_size, "pt ", group)
             return loss * self.cfg.minillm.lm_coef, metrics
         m, temperature, pick = self.cfg.minillm, self.cfg.rollout.temperature, batch.pick
         mask, labels = pick(batch.loss_mask), pick(batch.labels)
         terms: Metrics = {}
         if m.policy_gradient:
-            log_q = token_log_probs(logits, labels, mask, temperature=temperature, vocab_size=self.vocab_size)
+            log_q = token_log_probs(
+                logits, labels, mask, temperature=temperature, vocab_size=self.vocab_size, tp_group=self.tp_group
+            )
             ppo = ppo_clipped_loss(
                 log_q, pick(batch.log_q_old), pick(batch.importance_weight), pick(batch.advantages), mask, m.clip_eps
             )
@@ -126,7 +140,7 @@ class MiniLLM(Objective):
         if m.single_step:
             teacher = batch.teacher_logits.to(logits.dtype)
             terms["single-step loss"] = summed(
-                single_step_loss(logits, teacher, mask, temperature, self.vocab_size), batch
+                single_step_loss(logits, teacher, mask, temperature, self.vocab_size, self.tp_group), batch
             )
         return sum(terms.values()), {name: value.detach() for name, value in terms.items()}
 

@@ -60,9 +60,16 @@ class Objective(ABC):
     name: ClassVar[str]
     samples: ClassVar[Literal["dataset", "student", "teacher"]] = "dataset"
 
-    def __init__(self, cfg: TrainConfig, vocab_size: int, pt_data: bool | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        vocab_size: int,
+        pt_data: bool | None = None,
+        tp_group: dist.ProcessGroup | None = None,
+    ) -> None:
         self.cfg = cfg
         self.vocab_size = vocab_size  # the true vocabulary: padded ids never get probability mass
+        self.tp_group = tp_group  # the student's vocabulary split (None: megatron's global TP group)
         # whether pretraining text is given (default: cfg.pt_data names it; the planner needs no path)
         self.pt_data = bool(cfg.pt_data) if pt_data is None else pt_data
 

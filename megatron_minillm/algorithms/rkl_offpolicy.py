@@ -16,8 +16,9 @@ class ReverseKLOffPolicy(Objective):
 
     def loss(self, batch: MicroBatch, logits: Tensor) -> tuple[Tensor, Metrics]:
         teacher = batch.teacher_logits.to(logits.dtype)
+        mask = batch.pick(batch.loss_mask)
         per_token = reverse_kl(
-            logits, teacher, batch.pick(batch.loss_mask), vocab_size=self.vocab_size, reduction="none"
+            logits, teacher, mask, vocab_size=self.vocab_size, reduction="none", tp_group=self.tp_group
         )
         rkl = summed(per_token, batch)
         return rkl, {"rkl loss": rkl.detach()}

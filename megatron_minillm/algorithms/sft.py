@@ -15,10 +15,8 @@ class SFT(Objective):
         return [BatchKind(self.name, "dataset", logit_losses=1)]
 
     def loss(self, batch: MicroBatch, logits: Tensor) -> tuple[Tensor, Metrics]:
-        nll = -token_log_probs(
-            logits, batch.pick(batch.labels), batch.pick(batch.loss_mask), vocab_size=self.vocab_size
-        )
-        lm = summed(nll, batch)
+        labels, mask = batch.pick(batch.labels), batch.pick(batch.loss_mask)
+        lm = summed(-token_log_probs(logits, labels, mask, vocab_size=self.vocab_size, tp_group=self.tp_group), batch)
         return lm, {"lm loss": lm.detach()}
 
 

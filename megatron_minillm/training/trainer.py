@@ -88,7 +88,8 @@ class Trainer:
         self.device = device()
         self.tokenizer = load_tokenizer(cfg.student)
         student, self.arch, self.meta = load_model(cfg.student, dtype=cfg.training.dtype)
-        self.objective = OBJECTIVES[cfg.algorithm](cfg, self.arch.vocab_size)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.objective = OBJECTIVES[cfg.algorithm](cfg, self.arch.vocab_size, tp_group=self.tp_group)
         self._check_batches()
         if cfg.training.recompute:
             student.config.recompute_granularity, student.config.recompute_method = "full", "uniform"
@@ -226,7 +227,8 @@ class Trainer:
             log_p = None
             if kind.teacher_log_p:
                 labels, mask = batch.pick(batch.labels), batch.pick(batch.loss_mask)
-                log_p = batch.scatter(token_log_probs(logits.float(), labels, mask, vocab_size=vocab))
+                log_p = token_log_probs(logits.float(), labels, mask, vocab_size=vocab, tp_group=self.tp_group)
+                log_p = batch.scatter(log_p)
             return (logits.to(cache_dtype) if kind.teacher_logits else None), log_p
 
         for batch, (logits, log_p) in zip(batches, forward_outputs(self.teacher, batches, outputs)):
