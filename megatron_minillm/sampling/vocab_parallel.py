@@ -2,19 +2,15 @@
 
 Each TP rank holds logits [b, V/TP] of its vocabulary slice, and only [b]-sized (or [b, k]-, [b,
 points]-sized) values cross ranks: no rank gathers the vocabulary. The split itself (slice ranges,
-the TP all-reduce, the log-softmax and the id gather) is ``parallel/vocab.py``'s; ``log_softmax``
-and ``gather_ids`` are re-exported here for callers that import them with the searches
-(``evaluation/evaluate.py``). Every function takes the ``tp_group`` the vocabulary is split over
-(None: megatron's global TP group).
+the TP all-reduce, the log-softmax and the id gather) is ``parallel/vocab.py``'s. Every function
+takes the ``tp_group`` the vocabulary is split over (None: megatron's global TP group).
 """
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_minillm.parallel.vocab import gather_ids, log_softmax, resolve_tp_group, tp_all_reduce, vocab_slice
-
-__all__ = ["NEG_INF", "argmax", "gather_ids", "log_softmax", "top_k_mask", "top_p_mask"]
+from megatron_minillm.parallel.vocab import log_softmax, resolve_tp_group, tp_all_reduce, vocab_slice
 
 NEG_INF = float("-inf")
 
