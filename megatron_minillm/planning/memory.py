@@ -30,8 +30,8 @@ from megatron_minillm.config import ParallelConfig, TrainConfig, TrainingConfig
 from megatron_minillm.models import Architecture, architecture_from_dict, check_layout, load_architecture
 from megatron_minillm.models.builder import DTYPES
 from megatron_minillm.models.hf_config import UnsupportedModelError
-from megatron_minillm.models.vocab import padded_vocab_size
 from megatron_minillm.parallel import LayoutError
+from megatron_minillm.parallel.vocab import padded_vocab_size
 
 GiB = 2**30
 # The eager chunked loss kernels (every case but fp32 at TP=1, which has a hand-written kernel with
