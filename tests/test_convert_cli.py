@@ -1,31 +1,24 @@
-"""tools/checkpoint/convert.py end to end in one process: dtype conversion and its clear errors."""
+"""tools/checkpoint/convert.py end to end in one process: dtype conversion and its clear errors.
+
+The first conversion is a process of its own; the other runs use the harness's warm ranks."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+from harness import run_tool, run_tool_in_workers
 from hf_zoo import hf_model
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "checkpoint" / "convert.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+_convert = lambda *args: run_tool_in_workers("tools/checkpoint/convert.py", *args, timeout=300)
 
 
 def test_cli_bf16_round_trip_and_errors(tmp_path):
     hf_dir, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
     hf_model("gpt2").save_pretrained(hf_dir)
 
-    done = _convert("hf-to-mcore", "--hf", str(hf_dir), "--out", str(ckpt), "--dtype", "bf16")
+    done = run_tool(
+        "tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(ckpt), "--dtype", "bf16"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((ckpt / "minillm_checkpoint.json").read_text())["dtype"] == "bf16"
     again = _convert("hf-to-mcore", "--hf", str(hf_dir), "--out", str(ckpt))

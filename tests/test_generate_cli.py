@@ -1,6 +1,6 @@
 """tools/generate.py end to end: checkpoints with a real (test-trained) tokenizer, torchrun at
 TP=2 x PP=2, greedy tokens equal transformers' generate, teacher-mixed output equal at TP=1, and
-the CLI's clear errors."""
+the CLI's clear errors. Launched by torchrun once; the other runs use the harness's warm ranks."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from harness import run_tool
+from harness import run_tool, run_tool_in_workers
 from hf_zoo import llama_with_tokenizer
 from tokenizer_zoo import copy_with_extra_token, hf_tokenizer_dir
 
@@ -21,7 +21,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, seed in (("student", 0), ("teacher", 1)):
         hf_dir = llama_with_tokenizer(root / f"hf{seed}", seed, hf_tokenizer_dir())
-        done = run_tool("tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / name))
+        done = run_tool_in_workers(
+            "tools/checkpoint/convert.py", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(root / name)
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         out[name], out[f"{name}_hf"] = root / name, hf_dir
     prompts = root / "prompts.jsonl"
@@ -79,7 +81,7 @@ def test_greedy_equals_transformers_and_mixed_is_layout_invariant(checkpoints, t
     outputs = {}
     for nproc, tp, pp in ((4, 2, 2), (1, 1, 1)):
         out = tmp_path / f"mixed{tp}{pp}.jsonl"
-        done = run_tool(
+        done = run_tool_in_workers(
             "tools/generate.py",
             "--load",
             str(c["student"]),
@@ -125,15 +127,17 @@ def test_cli_errors_are_clear(checkpoints, tmp_path):
         "--output",
         str(tmp_path / "x.jsonl"),
     ]
-    bad_alpha = run_tool(*common, "--max-new-tokens", "4", "--teacher", str(c["teacher"]), "--mix-alpha", "1.5")
+    bad_alpha = run_tool_in_workers(
+        *common, "--max-new-tokens", "4", "--teacher", str(c["teacher"]), "--mix-alpha", "1.5"
+    )
     assert bad_alpha.returncode == 2 and "mix_alpha must be in [0, 1], got 1.5" in bad_alpha.stderr
-    bad_p = run_tool(*common, "--max-new-tokens", "4", "--top-p", "0")
+    bad_p = run_tool_in_workers(*common, "--max-new-tokens", "4", "--top-p", "0")
     assert bad_p.returncode == 2 and "top_p must be in (0, 1], got 0.0" in bad_p.stderr
-    too_long = run_tool(*common, "--max-new-tokens", "60")
+    too_long = run_tool_in_workers(*common, "--max-new-tokens", "60")
     assert too_long.returncode == 2 and "> the student's context of 64 positions" in too_long.stderr
 
     # A teacher whose tokenizer has one more token: the first mismatch is named.
     other = copy_with_extra_token(c["teacher"], tmp_path / "teacher_other_tok")
-    mismatch = run_tool(*common, "--max-new-tokens", "4", "--teacher", str(other), "--mix-alpha", "0.2")
+    mismatch = run_tool_in_workers(*common, "--max-new-tokens", "4", "--teacher", str(other), "--mix-alpha", "0.2")
     assert mismatch.returncode == 2, mismatch.stderr[-2000:]
     assert "vocabulary sizes differ" in mismatch.stderr and "'<|extra|>'" in mismatch.stderr

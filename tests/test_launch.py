@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import free_port
+from harness import free_port, run_tool, run_tool_in_workers
 from hf_zoo import hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,14 +68,14 @@ def test_smoke_test_under_srun_environment(tmp_path):
 
 
 def _check_layout(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "check_layout.py"), *args], capture_output=True, text=True, timeout=120
-    )
+    return run_tool_in_workers("tools/check_layout.py", *args, timeout=120)  # the harness's warm ranks
 
 
 def test_check_layout_cli(tmp_path):
     hf_config("llama").save_pretrained(tmp_path / "llama")  # 4 heads, 2 KV heads, 4 layers
-    ok = _check_layout("--model", str(tmp_path / "llama"), "--tp", "2", "--pp", "2", "--world-size", "8")
+    ok = run_tool(  # a process of its own
+        "tools/check_layout.py", "--model", str(tmp_path / "llama"), "--tp", "2", "--pp", "2", "--world-size", "8"
+    )
     assert ok.returncode == 0, ok.stderr
     assert "TP=2 PP=2 DP=2" in ok.stdout and "vocab 250 padded to 256" in ok.stdout
 

@@ -1,16 +1,14 @@
 """tools/checkpoint/make_student.py: a layer-dropped copy equals the teacher run with those layers only."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
+from harness import run_tool, run_tool_in_workers
+from hf_zoo import hf_model
 
 from megatron_minillm.checkpoint.student import evenly_spaced_layers, make_student
-from tests.harness import ROOT
-from tests.hf_zoo import hf_model
 
 # The layer list of each family's HF module tree.
 LAYER_LISTS = {"llama": "model.layers", "opt": "model.decoder.layers", "gpt2": "transformer.h"}
@@ -57,16 +55,13 @@ def test_evenly_spaced_layers():
 def test_cli_and_its_errors(tmp_path):
     hf_model("llama").save_pretrained(tmp_path / "teacher")
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        tool = ROOT / "tools/checkpoint/make_student.py"
-        return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, cwd=ROOT)
-
-    ok = run("--hf", str(tmp_path / "teacher"), "--out", str(tmp_path / "s"), "--layers", "1", "2")
+    tool, teacher = "tools/checkpoint/make_student.py", str(tmp_path / "teacher")
+    ok = run_tool(tool, "--hf", teacher, "--out", str(tmp_path / "s"), "--layers", "1", "2")  # a process of its own
     assert ok.returncode == 0, ok.stderr
     assert "teacher layers [1, 2]" in ok.stdout
     assert transformers.AutoConfig.from_pretrained(tmp_path / "s").num_hidden_layers == 2
-    again = run("--hf", str(tmp_path / "teacher"), "--out", str(tmp_path / "s"), "--num-layers", "2")
+    again = run_tool_in_workers(tool, "--hf", teacher, "--out", str(tmp_path / "s"), "--num-layers", "2")
     assert again.returncode == 1 and "exists; pass --overwrite" in again.stderr
-    bad = run("--hf", str(tmp_path / "teacher"), "--out", str(tmp_path / "t"), "--layers", "2", "7")
+    bad = run_tool_in_workers(tool, "--hf", teacher, "--out", str(tmp_path / "t"), "--layers", "2", "7")
     assert bad.returncode == 1 and "increasing indices in [0, 4)" in bad.stderr
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()
