@@ -26,11 +26,13 @@ def smollm2_hf(tmp_path_factory) -> Path:
     return out
 
 
-def _prompt_batches(hf_dir: Path) -> list[dict]:
+def _prompt_batches(hf_dir: Path) -> list:
+    from megatron_minillm.data.micro_batch import MicroBatch
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ids = tokenizer(["The capital of France is Paris. The capital of Italy is"], return_tensors="pt").input_ids
     seq = ids.shape[1]
-    return [{"tokens": ids, "labels": ids, "loss_mask": torch.ones(1, seq), "position_ids": torch.arange(seq)[None]}]
+    return [MicroBatch(ids, ids, torch.ones(1, seq), torch.arange(seq)[None], kind="lm")]
 
 
 GREEDY_PROMPTS = ["Write a haiku about the sea.", "What is the capital of France? Answer in one word."]
