@@ -17,8 +17,9 @@ Runs, each in a fresh process (peak RSS is that run's own up to the end of train
 included, the final save not):
   trl    DistillationTrainer, beta = 1 (exact full-vocabulary reverse KL): one fresh student
          completion per prompt each step, one update on it;
-  equal  ours at the same work: algorithm=minillm mix_alpha=0 ppo_epochs=1 policy_gradient=false
-         lm_coef=0 (the single-step reverse-KL term only), rollout = global = micro batch = 8;
+  equal  ours at the same work: algorithm=minillm rollout.mix_alpha=0 minillm.ppo_epochs=1
+         minillm.policy_gradient=false minillm.lm_coef=0 (the single-step reverse-KL term only),
+         rollout = global = micro batch = 8;
   full   ours as MiniLLM (without L_PT): mix_alpha=0.2, policy gradient + single-step term,
          ppo_epochs=4 (4 updates per rollout batch: 32 optimizer steps over the same 8 rollout batches).
 Step time = wall time per step (per rollout iteration for ``full``); the first step (warm-up) is

@@ -152,7 +152,7 @@ class MiniLLMConfig:
         _at_least_one(self, "ppo_epochs")
         if not (self.policy_gradient or self.single_step):
             raise ConfigError(
-                "minillm with policy_gradient=false and single_step=false has no rollout loss; keep at least one of them"
+                "minillm with minillm.policy_gradient=false and minillm.single_step=false has no rollout loss; keep at least one of them"
             )
 
 

@@ -31,7 +31,7 @@ def test_config_file_overrides_and_errors(tmp_path):
     assert load_config(str(path), ["teacher=null"], require_paths=False).teacher is None  # the planner's way
     with pytest.raises(ConfigError, match="algorithm 'ppo' is not one of"):
         load_config(str(path), ["algorithm=ppo"])
-    with pytest.raises(ConfigError, match="policy_gradient=false and single_step=false"):
+    with pytest.raises(ConfigError, match="minillm.policy_gradient=false and minillm.single_step=false"):
         load_config(str(path), ["algorithm=minillm", "minillm.policy_gradient=false", "minillm.single_step=false"])
     with pytest.raises(ConfigError, match=r"optimizer is a section: give a mapping \(or optimizer.KEY=VALUE\)"):
         load_config(str(path), ["optimizer=1"])

@@ -563,7 +563,7 @@ def test_recipes_launch_through_their_sbatch_files(cluster):
         "minillm",
         TEACHER_CKPT=str(ckpt / "opt-13b"),
         SFT_CKPT=str(ckpt / "opt-1.3b"),
-        EXTRA_ARGS=TINY_MINILLM + " tp=2",
+        EXTRA_ARGS=TINY_MINILLM + " parallel.tp=2",
     )
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-opt-1.3b" / "iter_0000001").is_dir()
     # LLaMA-13B -> 7B at PP=2; LLaMA-2-70B (grouped-query attention) -> 7B at TP=2 on the same stand-ins.
@@ -575,7 +575,7 @@ def test_recipes_launch_through_their_sbatch_files(cluster):
         "minillm",
         TEACHER_CKPT=str(ckpt / "llama-13b"),
         SFT_CKPT=str(ckpt / "llama-7b"),
-        EXTRA_ARGS=TINY_MINILLM + " tp=1 pp=2",
+        EXTRA_ARGS=TINY_MINILLM + " parallel.tp=1 parallel.pp=2",
     )
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-llama-7b" / "iter_0000001").is_dir()
     (ckpt / "llama-2-70b").symlink_to(ckpt / "llama-13b")
@@ -589,6 +589,6 @@ def test_recipes_launch_through_their_sbatch_files(cluster):
         "minillm",
         TEACHER_CKPT=str(ckpt / "llama-2-70b"),
         SFT_CKPT=str(ckpt / "llama-2-7b"),
-        EXTRA_ARGS=TINY_MINILLM + " tp=2 pp=1",
+        EXTRA_ARGS=TINY_MINILLM + " parallel.tp=2 parallel.pp=1",
     )
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-llama-2-7b" / "iter_0000001").is_dir()
