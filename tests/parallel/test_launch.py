@@ -9,7 +9,7 @@ from pathlib import Path
 from harness import free_port, run_tool, run_tool_in_workers
 from hf_zoo import hf_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _slurm_job_id_for_free_port() -> str:
