@@ -1,9 +1,12 @@
 import atexit
+import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 # Tests import the harness and the HF zoo as top-level modules (spawned ranks re-import them too).
 sys.path.insert(0, str(Path(__file__).parent))
@@ -14,3 +17,65 @@ _tmp.mkdir(parents=True, exist_ok=True)
 os.environ["TMPDIR"] = str(_tmp)
 tempfile.tempdir = str(_tmp)
 atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
+
+# After the temp dir is registered: atexit runs in reverse, so the harness stops its workers first.
+from harness import ROOT, run_tool_in_workers  # noqa: E402
+from hf_zoo import llama_with_tokenizer  # noqa: E402
+from tokenizer_zoo import hf_tokenizer_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict[str, Path]:
+    """Teacher (4 layers) and student (2 layers) checkpoints, instruction and pretraining datasets;
+    shared by the trainer and device-placement tests."""
+    root = tmp_path_factory.mktemp("trainer")
+    out = {}
+    for name, layers, seed in (("teacher", 4, 1), ("student", 2, 0)):
+        hf_dir = llama_with_tokenizer(
+            root / f"{name}_hf", seed, hf_tokenizer_dir(), layers=layers, context=128, sharpen=4.0
+        )
+        # Converted by 2 processes at TP=2 (the converter's TP path; the vocabulary is padded for TP=2).
+        done = run_tool_in_workers(
+            "tools/checkpoint/convert.py",
+            "hf-to-mcore",
+            "--hf",
+            str(hf_dir),
+            "--out",
+            str(root / name),
+            "--tp",
+            "2",
+            nproc=2,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        out[name] = root / name
+    short = [
+        line
+        for line in (ROOT / "examples" / "data" / "t0_train_600.jsonl").read_text().splitlines()
+        if len(json.loads(line)["prompt"]) < 160
+    ][:80]
+    (root / "inst.jsonl").write_text("\n".join(short) + "\n")
+    (root / "pt.jsonl").write_text(
+        "\n".join((ROOT / "examples" / "data" / "t0_passages_300.jsonl").read_text().splitlines()[:20]) + "\n"
+    )
+    for args in (
+        [
+            "instructions",
+            "--input",
+            str(root / "inst.jsonl"),
+            "--output-prefix",
+            str(root / "inst"),
+            "--max-prompt-length",
+            "64",
+            "--max-length",
+            "96",
+            "--split",
+            "8",
+            "--template",
+            "none",
+        ],
+        ["pretrain", "--input", str(root / "pt.jsonl"), "--output-prefix", str(root / "pt")],
+    ):
+        done = run_tool_in_workers("tools/preprocess_data.py", *args, "--tokenizer", str(out["student"]))
+        assert done.returncode == 0, done.stderr[-2000:]
+    out.update(data=root / "inst_train", pt=root / "pt_train", valid=root / "inst_valid.jsonl")
+    return out

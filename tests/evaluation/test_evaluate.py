@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from harness import run_distributed, run_tool
+from harness import run_distributed, run_tool, run_tool_in_workers
 from hf_zoo import llama_with_tokenizer
 from rouge_score import rouge_scorer
 from tokenizer_zoo import DATA, copy_with_extra_token, hf_tokenizer_dir
@@ -274,11 +274,11 @@ def test_cli_errors_are_clear(run, tmp_path):
         "--max-new-tokens",
         "4",
     ]
-    missing = run_tool(*common, "--load", str(tmp_path / "nowhere"))
+    missing = run_tool_in_workers(*common, "--load", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and f"checkpoint directory {tmp_path / 'nowhere'} does not exist" in missing.stderr
 
     other = copy_with_extra_token(run["teacher"], tmp_path / "teacher_other_tok")
-    mismatch = run_tool(*common, "--load", str(run["student"]), "--teacher", str(other))
+    mismatch = run_tool_in_workers(*common, "--load", str(run["student"]), "--teacher", str(other))
     assert mismatch.returncode == 2, mismatch.stderr[-2000:]
     assert "vocabulary sizes differ" in mismatch.stderr and "'<|extra|>'" in mismatch.stderr
     assert not (tmp_path / "out").exists()

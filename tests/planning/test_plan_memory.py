@@ -6,7 +6,7 @@ How close its peak is to measured memory is benchmarks/bench_plan_memory.py's jo
 import json
 
 import pytest
-from harness import run_distributed, run_tool
+from harness import run_distributed, run_tool, run_tool_in_workers
 
 from megatron_minillm.config import load_config
 from megatron_minillm.models import architecture_from_dict
@@ -207,7 +207,7 @@ def test_cli(tmp_path):
     assert out["layout"]["dp"] == 2 and out["config"]["train"]["rollout"]["batch_size"] == 256  # from the YAML
     assert out["suggestions"] and all(s["peak_bytes"] <= 0.9 * 80 * 2**30 for s in out["suggestions"])
     (tmp_path / "config.json").write_text(json.dumps(GPT2))
-    done = run_tool(
+    done = run_tool_in_workers(
         "tools/plan_memory.py",
         "--student",
         str(tmp_path),
@@ -221,7 +221,7 @@ def test_cli(tmp_path):
         "32",
     )
     assert done.returncode == 2 and "TP=3 does not divide the 4 attention heads" in done.stderr
-    done = run_tool(
+    done = run_tool_in_workers(
         "tools/plan_memory.py",
         "--student",
         str(tmp_path),

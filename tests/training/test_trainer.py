@@ -12,73 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import ROOT, free_port, run_tool
-from hf_zoo import llama_with_tokenizer
-from tokenizer_zoo import hf_tokenizer_dir
-
-DATA = ROOT / "examples" / "data"
+from harness import ROOT, free_port, run_tool_in_workers
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
-    """Teacher (4 layers) and student (2 layers) checkpoints, instruction and pretraining datasets."""
-    root = tmp_path_factory.mktemp("trainer")
-    out = {}
-    for name, layers, seed in (("teacher", 4, 1), ("student", 2, 0)):
-        hf_dir = llama_with_tokenizer(
-            root / f"{name}_hf", seed, hf_tokenizer_dir(), layers=layers, context=128, sharpen=4.0
-        )
-        # Converted by 2 processes at TP=2 (the converter's TP path; the vocabulary is padded for TP=2).
-        done = run_tool(
-            "tools/checkpoint/convert.py",
-            "hf-to-mcore",
-            "--hf",
-            str(hf_dir),
-            "--out",
-            str(root / name),
-            "--tp",
-            "2",
-            nproc=2,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        out[name] = root / name
-    short = [
-        line for line in (DATA / "t0_train_600.jsonl").read_text().splitlines() if len(json.loads(line)["prompt"]) < 160
-    ][:80]
-    (root / "inst.jsonl").write_text("\n".join(short) + "\n")
-    (root / "pt.jsonl").write_text("\n".join((DATA / "t0_passages_300.jsonl").read_text().splitlines()[:20]) + "\n")
-    for args in (
-        [
-            "instructions",
-            "--input",
-            str(root / "inst.jsonl"),
-            "--output-prefix",
-            str(root / "inst"),
-            "--max-prompt-length",
-            "64",
-            "--max-length",
-            "96",
-            "--split",
-            "8",
-            "--template",
-            "none",
-        ],
-        ["pretrain", "--input", str(root / "pt.jsonl"), "--output-prefix", str(root / "pt")],
-    ):
-        done = run_tool("tools/preprocess_data.py", *args, "--tokenizer", str(out["student"]))
-        assert done.returncode == 0, done.stderr[-2000:]
-    out.update(data=root / "inst_train", pt=root / "pt_train", valid=root / "inst_valid.jsonl")
-    return out
-
-
-def _train_args(setup: dict[str, Path], *overrides: str) -> list[str]:
+def _train_args(tiny_pair: dict[str, Path], *overrides: str) -> list[str]:
     return [
         "-m",
         "megatron_minillm.train",
-        f"student={setup['student']}",
-        f"teacher={setup['teacher']}",
-        f"data={setup['data']}",
-        f"pt_data={setup['pt']}",
+        f"student={tiny_pair['student']}",
+        f"teacher={tiny_pair['teacher']}",
+        f"data={tiny_pair['data']}",
+        f"pt_data={tiny_pair['pt']}",
         "training.max_prompt_length=64",
         "training.max_length=96",
         "rollout.batch_size=8",
@@ -104,12 +48,12 @@ def _iterations(stdout: str) -> list[dict[str, float]]:
     return rows
 
 
-def test_minillm_at_tp2_pp2_dp2_equals_one_process(setup):
+def test_minillm_at_tp2_pp2_dp2_equals_one_process(tiny_pair):
     runs = {}
-    for nproc, tp, pp in ((8, 2, 2), (0, 1, 1)):
-        done = run_tool(
+    for nproc, tp, pp in ((8, 2, 2), (1, 1, 1)):
+        done = run_tool_in_workers(
             *_train_args(
-                setup, f"parallel.tp={tp}", f"parallel.pp={pp}", "training.train_iters=2", "minillm.ppo_epochs=2"
+                tiny_pair, f"parallel.tp={tp}", f"parallel.pp={pp}", "training.train_iters=2", "minillm.ppo_epochs=2"
             ),
             nproc=nproc,
         )
@@ -135,10 +79,8 @@ def test_minillm_at_tp2_pp2_dp2_equals_one_process(setup):
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "kd", "seqkd", "rkl_offpolicy"])
-def test_baselines_train(setup, algorithm):
-    done = run_tool(
-        *_train_args(setup, f"algorithm={algorithm}", "training.train_iters=3")
-    )  # TP paths: the tests above
+def test_baselines_train(tiny_pair, algorithm):
+    done = run_tool_in_workers(*_train_args(tiny_pair, f"algorithm={algorithm}", "training.train_iters=3"))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _iterations(done.stdout)
     key = {"sft": "lm loss", "kd": "kd loss", "seqkd": "lm loss", "rkl_offpolicy": "rkl loss"}[algorithm]
@@ -153,9 +95,9 @@ def _model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)
 
 
-def test_kill_9_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
-    args = _train_args(setup, "training.train_iters=6", "minillm.ppo_epochs=1", "checkpoint.save_interval=3")
-    straight = run_tool(*args, f"checkpoint.save={tmp_path / 'straight'}")
+def test_kill_9_and_resume_equals_an_uninterrupted_run(tiny_pair, tmp_path):
+    args = _train_args(tiny_pair, "training.train_iters=6", "minillm.ppo_epochs=1", "checkpoint.save_interval=3")
+    straight = run_tool_in_workers(*args, f"checkpoint.save={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     resumed = tmp_path / "resumed"
@@ -174,7 +116,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run, right after the save of iteration 3
     proc.wait()
     assert (resumed / "latest").read_text().strip() == "3"
-    again = run_tool(*args, f"checkpoint.save={resumed}")
+    again = run_tool_in_workers(*args, f"checkpoint.save={resumed}")
     assert again.returncode == 0, again.stderr[-3000:]
     rows_straight, rows_again = _iterations(straight.stdout), _iterations(again.stdout)
     assert len(rows_again) == 3 and rows_again == rows_straight[3:]
@@ -182,7 +124,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
 
 
-def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(setup, tmp_path):
+def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(tiny_pair, tmp_path):
     runs = {
         "minillm": [
             "algorithm=minillm",
@@ -194,15 +136,15 @@ def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(setup, tmp_path)
         "sft": ["algorithm=sft", "training.train_iters=40", "training.global_batch_size=8"],
     }
     for name, overrides in runs.items():
-        done = run_tool(*_train_args(setup, *overrides, f"checkpoint.save={tmp_path / name}"))
+        done = run_tool_in_workers(*_train_args(tiny_pair, *overrides, f"checkpoint.save={tmp_path / name}"))
         assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "eval"
-    done = run_tool(
+    done = run_tool_in_workers(
         "tools/evaluate.py",
         "--teacher",
-        str(setup["teacher"]),
+        str(tiny_pair["teacher"]),
         "--load",
-        str(setup["student"]),
+        str(tiny_pair["student"]),
         "--load",
         str(tmp_path / "minillm" / "iter_0000030"),
         "--load",
@@ -214,7 +156,7 @@ def test_minillm_lowers_reverse_kl_to_the_teacher_more_than_sft(setup, tmp_path)
         "--name",
         "sft",
         "--data",
-        str(setup["valid"]),
+        str(tiny_pair["valid"]),
         "--format",
         "alpaca",
         "--template",
@@ -245,7 +187,7 @@ FIXED_RUNS = {
 }
 
 
-def _logged_numbers(setup: dict[str, Path]) -> dict[str, list[dict[str, float]]]:
+def _logged_numbers(tiny_pair: dict[str, Path]) -> dict[str, list[dict[str, float]]]:
     from megatron.core import parallel_state
 
     from megatron_minillm.config import load_config
@@ -253,17 +195,17 @@ def _logged_numbers(setup: dict[str, Path]) -> dict[str, list[dict[str, float]]]
 
     out = {}
     for algorithm, overrides in FIXED_RUNS.items():
-        args = _train_args(setup, f"algorithm={algorithm}", "parallel.tp=2", "parallel.pp=2", *overrides)
+        args = _train_args(tiny_pair, f"algorithm={algorithm}", "parallel.tp=2", "parallel.pp=2", *overrides)
         trainer = Trainer(load_config(None, [a for a in args if "=" in a]))
         out[algorithm] = [trainer.iteration(i) for i in range(trainer.cfg.training.train_iters)]
         parallel_state.destroy_model_parallel()
     return out
 
 
-def test_logged_numbers_equal_the_recorded_ones(setup):
+def test_logged_numbers_equal_the_recorded_ones(tiny_pair):
     from harness import run_distributed
 
-    got = run_distributed(_logged_numbers, 4, setup)[-1]  # the last rank holds the last stage's metrics
+    got = run_distributed(_logged_numbers, 4, tiny_pair)[-1]  # the last rank holds the last stage's metrics
     expected = json.loads(LOGGED_NUMBERS.read_text())
     assert got.keys() == expected.keys()
     for algorithm, rows in expected.items():
