@@ -208,6 +208,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        r = self.rollout
+        if self.algorithm == "minillm" and r.mix_alpha > 0 and (r.top_k or r.top_p < 1):
+            # A token drawn from the teacher's share of p~ can lie outside the student's top-k / top-p
+            # set: its log q_old is -inf and its PPO ratio NaN (the losses score the full vocabulary).
+            raise ConfigError(
+                "minillm with rollout.mix_alpha > 0 needs rollout.top_k=0 and rollout.top_p=1 (the paper's "
+                "setting): teacher-mixed samples outside the student's top-k / top-p set have no log q"
+            )
 
     def check_paths(self) -> None:
         """The checkpoints and data a training run needs (the memory planner plans without them)."""

@@ -49,11 +49,11 @@ def llama_config(layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
 
 def byte_batches(num: int, batch: int, seq: int, seed: int) -> list[MicroBatch]:
     """Micro-batches of byte windows from TEXT (same on every rank for a given seed)."""
-    data = torch.tensor(list((TEXT * 8).encode()), dtype=torch.long)
+    data = torch.tensor(list((TEXT * 8).encode()), dtype=torch.long, device="cpu")  # host: windows are cut there
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(num):
-        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen, device="cpu")  # host: indices
         window = torch.stack([data[s : s + seq + 1] for s in starts.tolist()])
         out.append(
             MicroBatch(
@@ -101,7 +101,7 @@ def main() -> None:
 
     def mean_loss(metrics: list[dict]) -> float:
         """Mean LM loss on the last pipeline stage, averaged over DP, known on every rank."""
-        local = torch.tensor([sum(m["lm loss"].item() for m in metrics) / max(len(metrics), 1)])
+        local = torch.tensor([sum(m["lm loss"].item() for m in metrics) / max(len(metrics), 1)], device=device())
         torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         torch.distributed.broadcast(local, src, group=parallel_state.get_pipeline_model_parallel_group())

@@ -37,6 +37,11 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_config(str(path), ["optimizer=1"])
     with pytest.raises(ConfigError, match="rollout.mix_alpha"):
         load_config(str(path), ["rollout.mix_alpha=2"])
+    with pytest.raises(ConfigError, match="mix_alpha > 0 needs rollout.top_k=0 and rollout.top_p=1"):
+        load_config(str(path), ["algorithm=minillm", "rollout.top_p=0.9"])
+    assert (
+        load_config(str(path), ["algorithm=minillm", "rollout.top_p=0.9", "rollout.mix_alpha=0"]).rollout.top_p == 0.9
+    )
 
 
 def test_flat_keys_are_refused_with_their_new_names(tmp_path):

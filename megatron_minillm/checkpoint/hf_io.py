@@ -65,7 +65,8 @@ class _SafetensorsFile:
     def get(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
         start, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        # host: read from the file into host memory; the converter places the shards it builds
+        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]], device="cpu")  # host
         with open(self.path, "rb") as f:
             f.seek(self.data_start + start)
             if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
@@ -77,7 +78,7 @@ class _TorchBinFile:
     """A ``pytorch_model*.bin`` file, loaded lazily with ``weights_only=True`` (no code runs)."""
 
     def __init__(self, path: Path) -> None:
-        self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # host: as safetensors
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -159,7 +160,7 @@ class ShardedSafetensorsWriter:
             size = tensor.numel() * tensor.element_size()
             if self._pending and self._pending_bytes + size > self.max_shard_bytes:
                 self.flush()
-            self._pending[name] = tensor.contiguous()
+            self._pending[name] = tensor.cpu().contiguous()  # host: a shard waits there for its file
             self._pending_bytes += size
             self.total_bytes += size
 

@@ -236,7 +236,7 @@ class _SplitWriter:
 
     def add(self, encoded: _Encoded) -> None:
         for sequence in encoded.sequences:
-            self.builder.add_item(torch.tensor(sequence, dtype=torch.int64))
+            self.builder.add_item(torch.tensor(sequence, dtype=torch.int64, device="cpu"))  # host: written to disk
         self.builder.end_document()
         if self.references is not None:
             self.references.write(json.dumps(encoded.reference, ensure_ascii=False) + "\n")

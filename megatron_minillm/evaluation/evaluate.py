@@ -185,8 +185,8 @@ def _micro_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> MicroB
     (the only positions whose logits the models compute)."""
     width = max(len(p) + len(r) for p, r in pairs)
     [batch] = pack(
-        [torch.tensor(p, dtype=torch.long) for p, _ in pairs],
-        [torch.tensor(r, dtype=torch.long) for _, r in pairs],
+        [torch.tensor(p, dtype=torch.long, device=device()) for p, _ in pairs],
+        [torch.tensor(r, dtype=torch.long, device=device()) for _, r in pairs],
         kind="eval",
         micro_batch_size=len(pairs),
         seq_length=width - 1,
@@ -264,8 +264,9 @@ def reference_ece(model: EvalModel, eval_set: EvalSet, cfg: EvalConfig) -> float
     context = model.arch.max_position_embeddings
     pairs = [(p.ids, r[: context - len(p.ids)]) for p, r in zip(eval_set.prompts, eval_set.references)]
     stats = token_stats(model.model, pairs, _confidence(model.arch.vocab_size), cfg.batch_size)
-    confidence = torch.tensor([c for s in stats for c in s["confidence"]])
-    correct = torch.tensor([c for s in stats for c in s["correct"]])
+    # host: metrics, from the per-token lists that token_stats gathered
+    confidence = torch.tensor([c for s in stats for c in s["confidence"]], device="cpu")  # host
+    correct = torch.tensor([c for s in stats for c in s["correct"]], device="cpu")  # host
     return expected_calibration_error(confidence, correct, n_bins=cfg.ece_bins)
 
 
@@ -277,11 +278,13 @@ def _token_mean(stats: list[dict[str, list[float]]], name: str) -> float:
 def _per_step(stats_per_seed: list[list[dict[str, list[float]]]], length: int) -> tuple[Tensor, Tensor]:
     """KL(p || q) per generation step [prompts, seeds, length] and its 0/1 mask."""
     shape = (len(stats_per_seed[0]), len(stats_per_seed), length)
-    error, mask = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    # host: metrics, from the per-token lists that token_stats gathered
+    error = torch.zeros(shape, dtype=torch.float64, device="cpu")  # host
+    mask = torch.zeros(shape, dtype=torch.float64, device="cpu")  # host
     for s, per_prompt in enumerate(stats_per_seed):
         for i, st in enumerate(per_prompt):
             steps = st["forward_kl"][:length]
-            error[i, s, : len(steps)] = torch.tensor(steps, dtype=torch.float64)
+            error[i, s, : len(steps)] = torch.tensor(steps, dtype=torch.float64, device="cpu")  # host
             mask[i, s, : len(steps)] = 1.0
     return error, mask
 

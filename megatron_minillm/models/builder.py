@@ -35,7 +35,7 @@ from megatron_minillm.models.attention import SDPADotProductAttention
 from megatron_minillm.models.hf_config import Architecture
 from megatron_minillm.parallel import LayoutError
 from megatron_minillm.parallel.vocab import padded_vocab_size
-from megatron_minillm.platform import is_cuda
+from megatron_minillm.platform import device, is_cuda
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -244,8 +244,8 @@ def build_model(
         # table makes conversion bit-exact, and callers still pass positions starting at 0.
         model.embedding.register_forward_pre_hook(partial(_shift_positions, arch.position_offset), with_kwargs=True)
     _mark_tensor_parallel_weights(model)
-    if config.params_dtype != torch.float32:
-        # What megatron's Float16Module does to its module: norms too, so every matmul sees one
-        # dtype (RoPE's inv_freq is a plain attribute and stays fp32). Losses upcast the logits.
-        model.to(config.params_dtype)
-    return model
+    # Initialised on the host (TP-independent, see transformer_config), moved to this rank's device
+    # once, before megatron's DDP allocates its gradient buffers there. A low-precision dtype is what
+    # megatron's Float16Module does to its module: norms too, so every matmul sees one dtype (RoPE's
+    # inv_freq is a plain attribute megatron creates on the current device, and stays fp32).
+    return model.to(device=device(), dtype=config.params_dtype)

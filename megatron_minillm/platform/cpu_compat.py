@@ -137,7 +137,10 @@ def _cuda_type_strings() -> Iterator[None]:
 
     def cuda_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw: Any) -> Any:
         if dtype is None and not kw and self.device.type == "cpu":
-            return original(self).replace("torch.", "torch.cuda.", 1)
+            # Under a TorchFunctionMode, ``original(self)`` reaches the mode as ``Tensor.type``, which
+            # is this function again: the string may already be a CUDA one.
+            name = original(self)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         return original(self, dtype, non_blocking, **kw)
 
     cuda_type._minillm_cpu_patched = True  # type: ignore[attr-defined]

@@ -248,7 +248,7 @@ def generate_all(
             model,
             [prompts[i] for i in ids],
             params,
-            sample_seeds(seed, torch.tensor(ids)),
+            sample_seeds(seed, torch.tensor(ids, device="cpu")),  # host: generate() moves the seeds
             vocab_size=vocab_size,
             teacher=teacher,
             pad_id=pad_id,

@@ -39,7 +39,7 @@ def _row_keys(seeds: Tensor, step: int) -> Tensor:
     """One int32 key [b] per (sample seed, step)."""
     seeds = seeds.to(torch.int64)
     key = _mix32(_int32(seeds >> 32)) ^ _int32(seeds)
-    return _mix32(_mix32(key) ^ _int32(torch.tensor(step * _GOLDEN + 1)))
+    return _mix32(_mix32(key) ^ _int32(torch.tensor(step * _GOLDEN + 1, device=key.device)))
 
 
 def gumbel(seeds: Tensor, step: int, token_ids: Tensor) -> Tensor:
@@ -58,6 +58,8 @@ def sample_seeds(seed: int, sample_ids: Tensor) -> Tensor:
     """Per-sample int64 seeds from a run seed and global sample ids (e.g. the prompt's index in the
     dataset): sample i gets the same seed whichever rank, batch or layout draws it."""
     ids = sample_ids.to(torch.int64)
-    hi = _mix32(_int32(ids) ^ _mix32(_int32(torch.tensor(seed))) ^ _int32(ids >> 32)).to(torch.int64)
-    lo = _mix32(_int32(ids) * _GOLDEN ^ _int32(torch.tensor(seed >> 32))).to(torch.int64) & 0xFFFFFFFF
+    hi = _mix32(_int32(ids) ^ _mix32(_int32(torch.tensor(seed, device=ids.device))) ^ _int32(ids >> 32)).to(torch.int64)
+    lo = (
+        _mix32(_int32(ids) * _GOLDEN ^ _int32(torch.tensor(seed >> 32, device=ids.device))).to(torch.int64) & 0xFFFFFFFF
+    )
     return (hi << 32) | lo

@@ -97,10 +97,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(mt), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    # host: generator states are CPU byte tensors, the CUDA generator's and megatron's tracker's too
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8, device="cpu"))  # host
     if state["cuda"] is not None and is_cuda():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-    tracker = {k: torch.tensor(v, dtype=torch.uint8) for k, v in state["tracker"].items()}
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8, device="cpu"))  # host
+    tracker = {k: torch.tensor(v, dtype=torch.uint8, device="cpu") for k, v in state["tracker"].items()}  # host
     tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
 
 
@@ -213,7 +214,10 @@ def _init_optimizer_state(optimizer: MegatronOptimizer) -> None:
         opt.init_state_fn(opt.optimizer, opt.config)
         for group in opt.optimizer.param_groups:
             for param in group["params"]:
-                opt.optimizer.state[param].setdefault("step", torch.tensor(0.0))
+                # where torch's Adam keeps it: on the parameter's device when fused or capturable
+                on_device = group.get("fused") or group.get("capturable")
+                step = torch.tensor(0.0, device=param.device if on_device else "cpu")  # host unless fused
+                opt.optimizer.state[param].setdefault("step", step)
 
 
 def _load_optimizer_state(optimizer: MegatronOptimizer, loaded: dict) -> None:

@@ -13,6 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_minillm.data.micro_batch import MicroBatch
 from megatron_minillm.models.logits import logits_at
+from megatron_minillm.platform import device
 
 # (micro-batch, vocab-parallel logits [b, s, V/TP] or [1, n, V/TP]) -> (scalar loss, metrics to report)
 LossFunc = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -82,7 +83,7 @@ def check_finite(metrics: list[dict[str, torch.Tensor]], where: str) -> None:
     """Raise :class:`NonFiniteLossError` on every rank if any rank saw a non-finite metric
     (metrics live on the last pipeline stage; the flag is all-reduced so no rank is left waiting)."""
     bad = sorted({name for m in metrics for name, v in m.items() if not math.isfinite(float(v))})
-    flag = torch.tensor([1.0 if bad else 0.0])
+    flag = torch.tensor([1.0 if bad else 0.0], device=device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
         names = ", ".join(bad) if bad else "a loss term on another rank"

@@ -169,7 +169,7 @@ class Trainer:
         indices = []
         for k in ids:
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + k // n)
-            indices.append(int(torch.randperm(n, generator=gen)[k % n]))
+            indices.append(int(torch.randperm(n, generator=gen, device="cpu")[k % n]))  # host: a data index
         return ids, indices
 
     def _examples(self, indices: list[int]) -> tuple[list[Tensor], list[Tensor]]:
@@ -259,7 +259,7 @@ class Trainer:
             disable=dist.get_rank() != 0 or len(chunks) < 2,
         ):
             chunk = slice(start, start + cfg.rollout.micro_batch_size)
-            seeds = sample_seeds(cfg.seed + 7919 * (iteration + 1), torch.tensor(ids[chunk]))
+            seeds = sample_seeds(cfg.seed + 7919 * (iteration + 1), torch.tensor(ids[chunk], device=self.device))
             teacher = self.teacher if params.mix_alpha else None
             rollouts.append(
                 generate(
@@ -312,7 +312,7 @@ class Trainer:
         metrics = []
         for epoch in range(objective.epochs):
             gen = torch.Generator().manual_seed(cfg.seed + 104729 * iteration + epoch)
-            for k in torch.randperm(len(steps), generator=gen).tolist():
+            for k in torch.randperm(len(steps), generator=gen, device="cpu").tolist():  # host: an order
                 micro = [b.replace() for b in steps[k]]
                 if self.is_last_stage:
                     objective.prepare_step(micro, self.dp_group)
@@ -335,7 +335,7 @@ class Trainer:
                 self.teacher,
                 prompts,
                 cfg.rollout.sampling_params(max_new, (self.tokenizer.eos_id,), mix=False),
-                sample_seeds(cfg.seed, torch.tensor(indices)),
+                sample_seeds(cfg.seed, torch.tensor(indices, device=self.device)),
                 vocab_size=self.arch.vocab_size,
                 pad_id=self.tokenizer.pad_id,
             )
