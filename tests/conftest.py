@@ -79,3 +79,13 @@ def tiny_pair(tmp_path_factory) -> dict[str, Path]:
         assert done.returncode == 0, done.stderr[-2000:]
     out.update(data=root / "inst_train", pt=root / "pt_train", valid=root / "inst_valid.jsonl")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an HF directory, from the packaged GGUF by the converter's CLI; shared by
+    the converter and demo tests (the GGUF's dequantisation is most of a conversion's time)."""
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    done = run_tool_in_workers("tools/checkpoint/convert.py", "gguf-to-hf", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out

@@ -1,19 +1,22 @@
 """`bash scripts/demo.sh --quick --tp 1`: the whole pipeline on the real SmolLM2 teacher, end to end.
 
 At TP=1: the demo's own TP=3 layout of that teacher is tested by tests/checkpoint/test_checkpoint_smollm2.py
-(generation at TP 1/3 x PP 1/3) and costs three ranks on two cores per launch here."""
+(generation at TP 1/3 x PP 1/3) and costs three ranks on two cores per launch here. The GGUF -> HF step
+is the session's (conftest.smollm2_hf, by the same CLI); every later step runs here."""
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 
 from harness import ROOT, free_port
 
 
-def test_quick_demo_runs_end_to_end(tmp_path):
+def test_quick_demo_runs_end_to_end(smollm2_hf, tmp_path):
     out = tmp_path / "demo"
+    shutil.copytree(smollm2_hf, out / "teacher_hf")  # the GGUF's conversion (conftest): the demo skips it
     env = os.environ | {"MASTER_PORT": str(free_port())}
 
     def demo() -> subprocess.CompletedProcess:

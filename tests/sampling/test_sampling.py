@@ -14,6 +14,7 @@ from harness import run_distributed
 from hf_zoo import VOCAB, hf_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+PAIRS = [("llama", "qwen2"), ("opt", "llama_tied_rope_scaled"), ("gpt2", "llama")]  # (student, teacher)
 WORLD = 4
 PROMPT_LENGTHS = [5, 1, 9, 3, 7, 2]
 STOP_IDS = tuple(range(0, VOCAB, 10))  # frequent enough that some samples stop early
@@ -61,8 +62,10 @@ def _megatron(hf: tf.PreTrainedModel):
     return model
 
 
-def _generate_at_every_layout(student_family: str, teacher_family: str) -> dict:
-    """Per layout: {mode: {prompt index: (tokens, mask, log-probs)}} gathered from the DP ranks."""
+def _generate_at_every_layout() -> list[dict]:
+    """Per (student, teacher) pair of PAIRS, per layout: {mode: {prompt index: (tokens, mask,
+    log-probs)}} gathered from the DP ranks. All pairs in one spawn, and inside each layout: starting
+    ranks and forming a layout's process groups cost more than a pair's checks."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -70,37 +73,38 @@ def _generate_at_every_layout(student_family: str, teacher_family: str) -> dict:
     from megatron_minillm.sampling import generate, sample_seeds
 
     prompts = _prompts()
-    student_hf, teacher_hf = _peaked(student_family), _peaked(teacher_family, seed=1)
-    results = {}
+    hf_models = [(_peaked(student), _peaked(teacher, seed=1)) for student, teacher in PAIRS]
+    results: list[dict] = [{} for _ in PAIRS]
     for tp, pp in LAYOUTS:
         layout = init_distributed(tp=tp, pp=pp)
-        student, teacher = _megatron(student_hf), _megatron(teacher_hf)
         dp, dp_rank = layout.dp, parallel_state.get_data_parallel_rank()
         mine = list(range(dp_rank, len(prompts), dp))  # a different batch composition at every DP size
-        local = {}
-        for mode, params in _modes().items():
-            rollout = generate(
-                student,
-                [prompts[i] for i in mine],
-                params,
-                sample_seeds(7, torch.tensor(mine)),
-                vocab_size=VOCAB,
-                teacher=teacher if params.mix_alpha else None,
-            )
-            logps = [rollout.log_q] + ([rollout.log_p] if rollout.log_p is not None else []) + [rollout.log_mix]
-            local[mode] = {  # rows are right-padded to this batch's longest response: keep what is generated
-                i: (
-                    rollout.tokens[j][rollout.mask[j]].tolist(),
-                    rollout.mask[j].tolist(),
-                    [lp[j][rollout.mask[j]].tolist() for lp in logps],
-                    bool((rollout.tokens[j][~rollout.mask[j]] == 0).all()),
-                    all(bool((lp[j][~rollout.mask[j]] == 0).all()) for lp in logps),
+        for pair, (student_hf, teacher_hf) in enumerate(hf_models):
+            student, teacher = _megatron(student_hf), _megatron(teacher_hf)
+            local = {}
+            for mode, params in _modes().items():
+                rollout = generate(
+                    student,
+                    [prompts[i] for i in mine],
+                    params,
+                    sample_seeds(7, torch.tensor(mine)),
+                    vocab_size=VOCAB,
+                    teacher=teacher if params.mix_alpha else None,
                 )
-                for j, i in enumerate(mine)
-            }
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        results[f"TP{tp}xPP{pp}"] = {m: {i: v for g in gathered for i, v in g[m].items()} for m in local}
+                logps = [rollout.log_q] + ([rollout.log_p] if rollout.log_p is not None else []) + [rollout.log_mix]
+                local[mode] = {  # rows are right-padded to this batch's longest response: keep what is generated
+                    i: (
+                        rollout.tokens[j][rollout.mask[j]].tolist(),
+                        rollout.mask[j].tolist(),
+                        [lp[j][rollout.mask[j]].tolist() for lp in logps],
+                        bool((rollout.tokens[j][~rollout.mask[j]] == 0).all()),
+                        all(bool((lp[j][~rollout.mask[j]] == 0).all()) for lp in logps),
+                    )
+                    for j, i in enumerate(mine)
+                }
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+            results[pair][f"TP{tp}xPP{pp}"] = {m: {i: v for g in gathered for i, v in g[m].items()} for m in local}
         parallel_state.destroy_model_parallel()
     return results
 
@@ -132,17 +136,9 @@ def _reference_log_probs(hf: tf.PreTrainedModel, params, prompt: list[int], resp
     return torch.stack(out).log_softmax(-1)
 
 
-PAIRS = [("llama", "qwen2"), ("opt", "llama_tied_rope_scaled"), ("gpt2", "llama")]
-
-
-def _generate_for_every_pair() -> list[dict]:
-    """All (student, teacher) pairs in one spawn: starting 4 ranks costs more than a pair's checks."""
-    return [_generate_at_every_layout(student, teacher) for student, teacher in PAIRS]
-
-
 @pytest.fixture(scope="module")
 def generated() -> list[dict]:
-    return run_distributed(_generate_for_every_pair, WORLD)[0]
+    return run_distributed(_generate_at_every_layout, WORLD)[0]
 
 
 @pytest.mark.parametrize("pair", range(len(PAIRS)), ids=[f"{s}-{t}" for s, t in PAIRS])
