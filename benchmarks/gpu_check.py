@@ -441,14 +441,7 @@ def _random_checkpoint(spec: dict, dtype: str, tokenizer_dir: Path, out: Path) -
     _hf_config(spec).save_pretrained(hf_dir)
     arch = load_architecture(hf_dir)
     model = build_model(arch, dtype=dtype)
-    meta = CheckpointMetadata(
-        model_type=arch.model_type,
-        family=arch.family,
-        vocab_size=arch.vocab_size,
-        padded_vocab_size=model.vocab_size,
-        dtype=dtype,
-        source="random init (benchmarks/gpu_check.py)",
-    )
+    meta = CheckpointMetadata.of(model, arch, dtype, source="random init (benchmarks/gpu_check.py)")
     save_checkpoint(model, out, meta, hf_dir)
 
 

@@ -93,14 +93,7 @@ def convert_hf_to_mcore(
         pending -= load_full_tensors(model, hf_to_mcore(arch, weights.get, layers=[layer], top=()), strict=False)
     if pending:
         raise CheckpointMismatchError(f"no HF tensor was mapped to {sorted(pending)}")
-    meta = CheckpointMetadata(
-        model_type=arch.model_type,
-        family=arch.family,
-        vocab_size=arch.vocab_size,
-        padded_vocab_size=model.vocab_size,
-        dtype=dtype,
-        source=str(hf_dir.resolve()),
-    )
+    meta = CheckpointMetadata.of(model, arch, dtype, source=str(hf_dir.resolve()))
     save_checkpoint(model, out_dir, meta, hf_dir, overwrite=overwrite)
     return meta
 

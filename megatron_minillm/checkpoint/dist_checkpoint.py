@@ -47,6 +47,11 @@ class CheckpointMetadata:
     source: str  # where the weights came from
     format_version: int = FORMAT_VERSION
 
+    @classmethod
+    def of(cls, model: torch.nn.Module, arch: Architecture, dtype: str, source: str) -> "CheckpointMetadata":
+        """The metadata of ``model`` (built from ``arch``), its vocabulary padded as built."""
+        return cls(arch.model_type, arch.family, arch.vocab_size, model.vocab_size, dtype, source)
+
 
 def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

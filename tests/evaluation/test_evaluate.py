@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from harness import run_distributed, run_tool, run_tool_in_workers
+from harness import run_distributed, run_tool_in_workers
 from hf_zoo import llama_with_tokenizer
 from rouge_score import rouge_scorer
 from tokenizer_zoo import DATA, copy_with_extra_token, hf_tokenizer_dir
@@ -205,8 +205,9 @@ def test_metrics_equal_plain_computations_and_are_layout_invariant(run):
 
 
 def test_cli_end_to_end(run, tmp_path):
+    """In warm workers (PP=2 x DP=2): scripts/demo.sh launches the CLI for real (tests/test_demo.py)."""
     out = tmp_path / "eval"
-    done = run_tool(
+    done = run_tool_in_workers(
         "tools/evaluate.py",
         "--teacher",
         str(run["teacher"]),

@@ -50,14 +50,7 @@ def _student(seed: int, load_weights: bool):
         lr_warmup_iters=1,
         lr_decay_style="cosine",
     )
-    meta = CheckpointMetadata(
-        model_type=arch.model_type,
-        family=arch.family,
-        vocab_size=arch.vocab_size,
-        padded_vocab_size=model.vocab_size,
-        dtype="fp32",
-        source="tests/hf_zoo.py",
-    )
+    meta = CheckpointMetadata.of(model, arch, "fp32", source="tests/hf_zoo.py")
     return arch, ddp, optimizer, scheduler, meta
 
 
