@@ -134,6 +134,14 @@ def _get(obj: dict[str, Any], key: str, kind: type, source: str, fmt: str, defau
     return value
 
 
+def _text(obj: dict[str, Any], key: str, source: str, fmt: str) -> str:
+    """A required string field that holds some text: an empty instruction or response teaches nothing."""
+    value = _get(obj, key, str, source, fmt)
+    if not value.strip():
+        raise DataFormatError(source, f"field {key!r} is empty; give it text or drop the record", "empty_field")
+    return value
+
+
 def _objects(items: list, source: str, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """The elements of a list field with their place (``file:line (instance 2)``); each must be an object."""
     for i, item in enumerate(items):
@@ -146,9 +154,9 @@ def _objects(items: list, source: str, what: str) -> Iterator[tuple[str, dict[st
 def _dolly(obj: dict[str, Any], source: str) -> list[Example]:
     return [
         Example(
-            _get(obj, "instruction", str, source, "dolly"),
+            _text(obj, "instruction", source, "dolly"),
             _get(obj, "context", str, source, "dolly", ""),
-            _get(obj, "response", str, source, "dolly"),
+            _text(obj, "response", source, "dolly"),
             source,
         )
     ]
@@ -157,16 +165,16 @@ def _dolly(obj: dict[str, Any], source: str) -> list[Example]:
 def _alpaca(obj: dict[str, Any], source: str) -> list[Example]:
     return [
         Example(
-            _get(obj, "instruction", str, source, "alpaca"),
+            _text(obj, "instruction", source, "alpaca"),
             _get(obj, "input", str, source, "alpaca", ""),
-            _get(obj, "output", str, source, "alpaca"),
+            _text(obj, "output", source, "alpaca"),
             source,
         )
     ]
 
 
 def _self_instruct(obj: dict[str, Any], source: str) -> list[Example]:
-    instruction = _get(obj, "instruction", str, source, "self_instruct")
+    instruction = _text(obj, "instruction", source, "self_instruct")
     instances = _get(obj, "instances", list, source, "self_instruct")
     if not instances:
         raise DataFormatError(source, "field 'instances' is empty", "missing_field")
@@ -174,7 +182,7 @@ def _self_instruct(obj: dict[str, Any], source: str) -> list[Example]:
         Example(
             instruction,
             _get(instance, "input", str, where, "self_instruct", ""),
-            _get(instance, "output", str, where, "self_instruct"),
+            _text(instance, "output", where, "self_instruct"),
             source,
         )
         for where, instance in _objects(instances, source, "instance")
@@ -184,9 +192,9 @@ def _self_instruct(obj: dict[str, Any], source: str) -> list[Example]:
 def _prompt_completion(obj: dict[str, Any], source: str) -> list[Example]:
     return [
         Example(
-            _get(obj, "prompt", str, source, "prompt_completion"),
+            _text(obj, "prompt", source, "prompt_completion"),
             "",
-            _get(obj, "completion", str, source, "prompt_completion"),
+            _text(obj, "completion", source, "prompt_completion"),
             source,
         )
     ]
@@ -203,6 +211,10 @@ def _chat(obj: dict[str, Any], source: str) -> list[Example]:
             "a conversation needs at least one message before a last message whose role is 'assistant' (the response)",
             "missing_field",
         )
+    if not messages[-1]["content"].strip():
+        raise DataFormatError(source, "the last message (the response) is empty", "empty_field")
+    if not any(m["content"].strip() for m in messages[:-1]):
+        raise DataFormatError(source, "every message before the response is empty", "empty_field")
     context = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
     users = [m["content"] for m in context if m["role"] == "user"]
     return [Example(users[-1] if users else "", "", messages[-1]["content"], source, context)]

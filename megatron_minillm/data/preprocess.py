@@ -9,7 +9,8 @@ holds rows out):
   source line, instruction, input, prompt text and reference response (what Rouge-L scores against).
 - pretraining text: one document of one sequence per text (EOS-terminated by default), cut into
   fixed-length chunks at read time (:class:`megatron_minillm.data.PretrainDataset`).
-- ``<prefix>_summary.json``: the configuration and the counts of :class:`Summary`.
+- ``<prefix>_summary.json``: the configuration, the tokenizer (sizes, special ids, fingerprint), the
+  length limits and the counts of :class:`Summary` (:mod:`.summary` reads and checks it).
 
 Length policy, LMOps' (``minillm/tools/process_data_dolly.py`` drops an example whose prompt has
 more than ``max_prompt_length`` tokens; its datasets cut prompt + response to ``max_length`` tokens
@@ -19,7 +20,9 @@ truncated; the EOS goes with the cut, so a cut response never teaches the model 
 
 The split holds out whole rows (a self-instruct row's instances stay together), chosen by a seeded
 permutation: the same input, --split and --seed always give the same split, with any --workers.
-Files are written under ``.partial`` names and renamed once complete.
+Files are written under ``.partial`` names and renamed once complete, the summary last: a prefix
+with a summary is complete. Files of the prefix an earlier run wrote and this one does not (a stale
+``_valid`` split) are removed. A run that would write an empty split fails instead.
 """
 
 import json
@@ -44,6 +47,7 @@ from megatron_minillm.data.formats import (
     read_rows,
     resolve_format,
 )
+from megatron_minillm.data.summary import split_files, tokenizer_record
 from megatron_minillm.data.templates import TEMPLATES, TemplateError, render_prompt, require_chat_template
 from megatron_minillm.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -100,6 +104,7 @@ class Summary:
     tokens: Counter = field(default_factory=Counter)  # split -> tokens
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason -> examples
+    removed: list[str] = field(default_factory=list)  # stale files of the prefix from an earlier run
 
     def report(self) -> str:
         def reasons(counts: Counter) -> str:
@@ -113,6 +118,7 @@ class Summary:
                 f"truncated: {self.truncated}",
                 f"dropped: {sum(self.dropped.values())}{reasons(self.dropped)}",
             ]
+            + ([f"removed stale files of an earlier run: {', '.join(self.removed)}"] if self.removed else [])
         )
 
     def to_dict(self) -> dict:
@@ -242,21 +248,63 @@ class _SplitWriter:
             self.references.write(json.dumps(encoded.reference, ensure_ascii=False) + "\n")
 
     def close(self, keep: bool) -> None:
+        """Complete the .partial files (renamed by :func:`_commit`), or remove them."""
         if keep:
             self.builder.finalize(self.final[1] + ".partial")
         else:
             self.builder.data_file.close()
         if self.references is not None:
             self.references.close()
-        for path in self.final:
-            if keep:
-                os.replace(path + ".partial", path)
-            else:
+        if not keep:
+            for path in self.final:
                 Path(path + ".partial").unlink(missing_ok=True)
+
+
+def _require_examples(config: PreprocessConfig, summary: Summary, splits: Iterable[str]) -> None:
+    """An empty split is an error, not a dataset: reading one fails later (``cannot mmap an empty file``)."""
+    inputs = ", ".join(config.inputs)
+    if not summary.rows_read:
+        raise DataFormatError(inputs, "holds no record; nothing to write", "empty")
+    for split in splits:
+        if not summary.written[split]:
+            dropped = ", ".join(f"{k}: {v}" for k, v in sorted((summary.dropped + summary.bad_rows).items()))
+            hint = "; raise --max-prompt-length" if summary.dropped["prompt_too_long"] else ""
+            raise DataFormatError(
+                inputs,
+                f"no example left for the {split} split of {config.output_prefix} "
+                f"({summary.rows_read} rows read; dropped or skipped: {dropped or 'none'}){hint}",
+                "empty",
+            )
+
+
+def _limits(config: PreprocessConfig) -> dict[str, int]:
+    """The length limits the data obeys (pretraining text has none: it is cut into chunks when read)."""
+    if isinstance(config, InstructionConfig):
+        return {"max_prompt_length": config.max_prompt_length, "max_length": config.max_length}
+    return {}
+
+
+def _commit(prefix: str, written: list[str], stale: list[str], record: dict) -> None:
+    """Put the new files in place of the old. The summary goes first and comes back last, so a prefix
+    with a summary is complete; files of the prefix this run did not write (a stale split) are removed."""
+    summary = Path(f"{prefix}_summary.json")
+    Path(f"{summary}.partial").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    summary.unlink(missing_ok=True)
+    for path in written:
+        os.replace(path + ".partial", path)
+    for path in stale:
+        Path(path).unlink(missing_ok=True)
+    os.replace(f"{summary}.partial", summary)
+
+
+def _stale_files(prefix: str, written: list[str]) -> list[str]:
+    keep = set(written) | {f"{path}.partial" for path in written}
+    return [path for path in split_files(prefix) if path not in keep and Path(path).exists()]
 
 
 def _run(job: _Job, tokenizer: Tokenizer, description: str) -> Summary:
     config = job.config
+    tokenizer_info = tokenizer_record(tokenizer, config.tokenizer)
     Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     num_rows = sum(1 for path in config.inputs for _ in read_rows(path))
     held_out = validation_rows(num_rows, config.split, config.seed)
@@ -283,18 +331,21 @@ def _run(job: _Job, tokenizer: Tokenizer, description: str) -> Summary:
                 summary.written[split] += 1
                 summary.tokens[split] += sum(len(s) for s in result.sequences)
                 summary.truncated += result.truncated
+        _require_examples(config, summary, writers)
         complete = True
     finally:
         for writer in writers.values():
             writer.close(keep=complete)
+    written = [path for writer in writers.values() for path in writer.final]
+    summary.removed = _stale_files(config.output_prefix, written)
     record = {
         "config": asdict(config),
         "format": job.format,
-        "tokenizer_vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
+        "tokenizer": tokenizer_info,
+        "limits": _limits(config),
         "summary": summary.to_dict(),
     }
-    Path(f"{config.output_prefix}_summary.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    _commit(config.output_prefix, written, summary.removed, record)
     return summary
 
 

@@ -7,6 +7,8 @@ Distillation compares teacher and student distributions token id by token id, so
 calls :func:`check_tokenizers_compatible` before anything else.
 """
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -19,7 +21,8 @@ class TokenizerError(ValueError):
 
 
 class TokenizerMismatchError(ValueError):
-    """Teacher and student tokenizers (or padded vocabularies) that distillation cannot pair."""
+    """Teacher and student tokenizers (or padded vocabularies) that distillation cannot pair, or a
+    dataset tokenized with another vocabulary than the model's."""
 
 
 class Tokenizer(ABC):
@@ -44,6 +47,11 @@ class Tokenizer(ABC):
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         raise TokenizerError(f"{self.path}: this tokenizer has no chat template")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the token strings in id order: the same vocabulary gives the same value however it
+        is loaded (HF directory, checkpoint), any other vocabulary another; datasets record it."""
+        return hashlib.sha256(json.dumps(self.tokens()).encode()).hexdigest()
 
 
 class HFTokenizer(Tokenizer):

@@ -139,7 +139,6 @@ def test_truncation_and_drops_are_counted(tmp_path, hf_dir):
     short = {"instruction": "Say hi.", "output": "Hi."}
     long_answer = {"instruction": "Tell a story.", "output": " ".join(["once upon a time"] * 40)}
     long_prompt = {"instruction": "Read this. " + "words " * 200, "output": "Done."}
-    empty = {"instruction": "Say nothing.", "output": ""}
     lengths = {
         k: len(tok.encode(ALPACA_PROMPT.format(instruction=r["instruction"])))
         for k, r in (("short", short), ("long_answer", long_answer), ("long_prompt", long_prompt))
@@ -147,25 +146,23 @@ def test_truncation_and_drops_are_counted(tmp_path, hf_dir):
     max_prompt = max(lengths["short"], lengths["long_answer"])
     assert lengths["long_prompt"] > max_prompt
     max_length = max_prompt + 20
-    path = _jsonl(tmp_path / "d.jsonl", [short, long_answer, long_prompt, empty])
+    path = _jsonl(tmp_path / "d.jsonl", [short, long_answer, long_prompt])
     config = InstructionConfig(
         [path], str(tmp_path / "o"), hf_dir, max_prompt_length=max_prompt, max_length=max_length, append_eos=False
     )
     summary = preprocess_instructions(config)
     assert (summary.written["train"], summary.truncated) == (2, 1)
-    assert dict(summary.dropped) == {"prompt_too_long": 1, "empty_response": 1}
-    assert "dropped: 2 (empty_response: 1, prompt_too_long: 1)" in summary.report()
+    assert dict(summary.dropped) == {"prompt_too_long": 1}
+    assert "dropped: 1 (prompt_too_long: 1)" in summary.report()
     data = InstructionDataset(tmp_path / "o_train")
     prompt, response = data[1]
     assert len(prompt) + len(response) == max_length
     assert response.tolist() == tok.encode(long_answer["output"])[: max_length - len(prompt)]
     config.append_eos = True  # the EOS goes with a cut; a complete response keeps it
-    summary = preprocess_instructions(config)
-    assert dict(summary.dropped) == {"prompt_too_long": 1}
-    assert [r[-1] == tok.eos_id for _, r in (InstructionDataset(tmp_path / "o_train")[i] for i in range(3))] == [
+    preprocess_instructions(config)
+    assert [r[-1] == tok.eos_id for _, r in (InstructionDataset(tmp_path / "o_train")[i] for i in range(2))] == [
         True,
         False,
-        True,
     ]
 
 
