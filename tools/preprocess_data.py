@@ -8,8 +8,11 @@
 
 TOKENIZER: a Hugging Face tokenizer directory, a megatron_minillm checkpoint directory or a
 sentencepiece .model file. Writes <prefix>_train (and <prefix>_valid) .bin/.idx, the reference
-<prefix>_<split>.jsonl (instruction data) and <prefix>_summary.json; prints the summary. Exits
-with status 2 and one message naming the file and line on bad input. See docs/data.md.
+<prefix>_<split>.jsonl (instruction data) and, last, <prefix>_summary.json (the tokenizer and length
+limits the trainer checks the dataset against); removes files of the prefix an earlier run left and
+this one does not write (a stale _valid split); prints the summary. Exits with status 2 and one
+message naming the file and line on bad input, an empty instruction or response, or an input that
+leaves a split empty. See docs/data.md.
 """
 
 import argparse
