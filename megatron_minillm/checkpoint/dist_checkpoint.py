@@ -5,10 +5,12 @@ A checkpoint directory holds::
     config.json                 the HF config it came from (so load_architecture works on it)
     tokenizer / generation files copied from the HF directory
     model/                      dist_checkpointing of model.sharded_state_dict(): loads at any TP x PP
-    minillm_checkpoint.json     metadata, written last
+    minillm_checkpoint.json     metadata
+    manifest.json               every file's size and SHA-256, written last (checkpoint/integrity.py)
 
 Saves are atomic: everything is written into ``<dir>.partial`` and renamed at the end, so an
-interrupted save never looks like a valid checkpoint.
+interrupted save never looks like a valid checkpoint. Loads run no code from the files and verify
+them against the manifest.
 """
 
 import dataclasses
@@ -25,6 +27,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_minillm.checkpoint.hf_io import copy_side_files
 from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
+from megatron_minillm.checkpoint.integrity import (
+    DamagedCheckpointError,
+    NotACheckpointError,
+    safe_dcp_load,
+    verify_manifest,
+    write_manifest,
+)
 from megatron_minillm.models.builder import build_model
 from megatron_minillm.models.hf_config import Architecture, load_architecture
 
@@ -33,8 +42,8 @@ MODEL_DIR = "model"
 FORMAT_VERSION = 1
 
 
-class NotACheckpointError(FileNotFoundError):
-    """A directory that is not (or not yet) a complete megatron_minillm checkpoint."""
+class CheckpointWriteError(OSError):
+    """A save that failed part-way (full disk, quota, I/O error); nothing was replaced."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,10 @@ def read_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
             f"{ckpt_dir} is not a megatron_minillm checkpoint (no {METADATA_FILE}); convert HF "
             "weights with `tools/checkpoint/convert.py hf-to-mcore`"
         )
-    meta = CheckpointMetadata(**json.loads(meta_path.read_text()))
+    try:
+        meta = CheckpointMetadata(**json.loads(meta_path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise DamagedCheckpointError(f"{meta_path} is damaged ({type(err).__name__}: {err})") from err
     if meta.format_version != FORMAT_VERSION:
         raise NotACheckpointError(f"{ckpt_dir} has format version {meta.format_version}, expected {FORMAT_VERSION}")
     return meta
@@ -86,6 +98,24 @@ def read_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
 def refuse_existing(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+
+
+def _write_failure(err: BaseException) -> str:
+    """The OS's reason for a failed write (``No space left on device``) wherever it sits in ``err``'s
+    chain or a checkpoint exception's per-rank failures; else ``err``'s own last line."""
+    pending, seen = [err], set()
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.strerror:
+            return exc.strerror
+        pending += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+        if isinstance(exc, CheckpointException):
+            pending += [failure for failure, _ in exc.failures.values()]
+    last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+    return f"a write failed ({type(err).__name__}: {last})"
 
 
 @contextmanager
@@ -99,12 +129,27 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    yield tmp
+    try:
+        yield tmp
+    except (OSError, RuntimeError, CheckpointException) as err:  # a full disk surfaces as any of them
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, NotACheckpointError | FileExistsError):
+            raise
+        free = shutil.disk_usage(out_dir.parent).free / 2**30 if out_dir.parent.is_dir() else 0.0
+        raise CheckpointWriteError(
+            f"could not write {out_dir}: {_write_failure(err)}; {free:.1f} GiB free there (a full disk, a "
+            "quota or a file-size limit fail writes like this); nothing was replaced and the half-written "
+            "files were removed"
+        ) from err
     _barrier()
-    if _is_rank0():
+    if _is_rank0():  # two renames: at every moment out_dir (or, replaced, <out_dir>.old) is whole
+        old = out_dir.with_name(out_dir.name + ".old")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
         tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     _barrier()
 
 
@@ -114,10 +159,14 @@ def save_checkpoint(
     metadata: CheckpointMetadata,
     hf_dir: str | Path,
     overwrite: bool = False,
+    *,
+    checksums: bool = True,
 ) -> None:
-    """Save ``model`` (collective: every rank calls it) with the HF config and tokenizer of ``hf_dir``."""
+    """Save ``model`` (collective: every rank calls it) with the HF config and tokenizer of ``hf_dir``;
+    ``checksums=False`` records only the files' sizes in the manifest."""
     with atomic_directory(Path(out_dir), overwrite) as tmp:
         write_checkpoint_files(model, tmp, metadata, hf_dir)
+        write_manifest(tmp, checksums)
 
 
 def write_checkpoint_files(
@@ -138,7 +187,7 @@ def write_checkpoint_files(
 
 
 def load_model(
-    ckpt_dir: str | Path, dtype: str | None = None
+    ckpt_dir: str | Path, dtype: str | None = None, *, checksums: bool = True
 ) -> tuple[torch.nn.Module, Architecture, CheckpointMetadata]:
     """Build the checkpoint's model at the current TP x PP and load it (collective)."""
     meta = read_metadata(ckpt_dir)
@@ -146,7 +195,7 @@ def load_model(
     model = build_model(
         arch, dtype=dtype or meta.dtype, padded_vocab=meta.padded_vocab_size, perform_initialization=False
     )
-    load_checkpoint(model, ckpt_dir, arch)
+    load_checkpoint(model, ckpt_dir, arch, checksums=checksums)
     return model, arch, meta
 
 
@@ -159,21 +208,25 @@ def _differences(a: Architecture, b: Architecture) -> list[str]:
 
 
 def load_checkpoint(
-    model: torch.nn.Module, ckpt_dir: str | Path, arch: Architecture | None = None
+    model: torch.nn.Module, ckpt_dir: str | Path, arch: Architecture | None = None, *, checksums: bool = True
 ) -> CheckpointMetadata:
     """Load a checkpoint into ``model`` at whatever TP x PP it was built with (collective).
 
     ``arch`` is the architecture ``model`` was built from; a checkpoint of another shape is refused
-    with the differing fields named.
+    with the differing fields named. The model's files are verified against the manifest first
+    (sizes always, SHA-256 unless ``checksums`` is False).
     """
     ckpt_dir = Path(ckpt_dir)
     meta = read_metadata(ckpt_dir)
+    verify_manifest(ckpt_dir, ("", MODEL_DIR), checksums)
     if arch is not None:
         diff = _differences(load_architecture(ckpt_dir), arch)
         if diff:
             raise CheckpointMismatchError(f"checkpoint {ckpt_dir} does not fit the model: " + "; ".join(diff))
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir / MODEL_DIR))
+        state = safe_dcp_load(model.sharded_state_dict(), ckpt_dir / MODEL_DIR)
+    except NotACheckpointError:
+        raise
     except (Exception, CheckpointException) as err:  # shape/key mismatches surface as several types
         raise CheckpointMismatchError(f"cannot load {ckpt_dir / MODEL_DIR} into this model: {err}") from err
     model.load_state_dict(state, strict=True)

@@ -1,6 +1,7 @@
 """Read and write Hugging Face weight directories tensor by tensor (never the whole model at once)."""
 
 import json
+import pickle
 import shutil
 import struct
 from collections.abc import Iterable
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
+from megatron_minillm.checkpoint.integrity import DamagedCheckpointError, UnsafeCheckpointError
 
 # Everything besides weights that makes an HF directory usable (copied as-is).
 HF_SIDE_FILES = (
@@ -26,6 +28,7 @@ HF_SIDE_FILES = (
 
 # HF state-dict entries that are buffers, not weights (older GPT-2 / LLaMA checkpoints carry them).
 NON_WEIGHT_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
 
 
 _SAFETENSORS_DTYPES = {
@@ -48,12 +51,34 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
+            (header_len,) = struct.unpack("<Q", f.read(8).ljust(8, b"\xff"))
+            if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise DamagedCheckpointError(f"{path} is not a safetensors file (or is truncated): bad header length")
+            try:
+                header = json.loads(f.read(header_len))
+                header.pop("__metadata__", None)
+            except (ValueError, AttributeError) as err:
+                raise DamagedCheckpointError(
+                    f"{path} is not a safetensors file: its header is not a JSON object"
+                ) from err
         self.data_start = 8 + header_len
         self.entries = header
+        for name, entry in header.items():
+            self._check(name, entry, size - self.data_start)
+
+    def _check(self, name: str, entry: dict, data_bytes: int) -> None:
+        """Each entry's dtype, shape and byte range fit the file: a damaged header fails here, named."""
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            start, end = entry["data_offsets"]
+            numel = torch.Size(entry["shape"]).numel()
+            fits = 0 <= start <= end <= data_bytes and end - start == numel * dtype.itemsize
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            fits = False
+        if not fits:
+            raise DamagedCheckpointError(f"{self.path} is damaged or truncated: tensor {name!r} does not fit the file")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -78,7 +103,12 @@ class _TorchBinFile:
     """A ``pytorch_model*.bin`` file, loaded lazily with ``weights_only=True`` (no code runs)."""
 
     def __init__(self, path: Path) -> None:
-        self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # host: as safetensors
+        try:
+            self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # host: as safetensors
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(f"{path} refused: it holds objects other than tensors ({err})") from err
+        except (RuntimeError, EOFError, ValueError) as err:
+            raise DamagedCheckpointError(f"{path} is damaged or not a PyTorch weights file ({err})") from err
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -112,8 +142,14 @@ class HFWeights:
     def _index(self, single: Path) -> bool:
         index = single.with_name(single.name + ".index.json")
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: self.directory / f for name, f in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._files = {name: self.directory / f for name, f in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise DamagedCheckpointError(f"{index} is damaged (no valid weight_map: {err})") from err
+            missing = sorted({f.name for f in self._files.values() if not f.is_file()})
+            if missing:
+                raise DamagedCheckpointError(f"{index} names files that are missing: {', '.join(missing)}")
         elif single.is_file():
             self._files = {name: single for name in self._reader(single).keys()}
         return bool(self._files)

@@ -29,6 +29,7 @@ from megatron_minillm.checkpoint.dist_checkpoint import (
     load_checkpoint,
     write_checkpoint_files,
 )
+from megatron_minillm.checkpoint.integrity import safe_dcp_load, verify_manifest, write_manifest
 from megatron_minillm.models.hf_config import Architecture
 from megatron_minillm.platform.device import device, is_cuda
 
@@ -135,13 +136,14 @@ def save_training_checkpoint(
     *,
     metadata: CheckpointMetadata,
     hf_dir: str | Path,
+    checksums: bool = True,
 ) -> Path:
     """Save everything resuming needs as ``save_dir/iter_{iteration:07d}`` and point ``latest`` at it.
 
     Collective: every rank calls it at the same iteration. ``model`` may be DDP-wrapped; ``state``
     is the trainer's JSON-serialisable state (data position, resolved config, ...), rank 0's is
     kept. ``metadata`` and ``hf_dir`` (config.json, tokenizer: the student's source directory) make
-    the directory a plain model checkpoint too. Saving the iteration ``latest`` already names (e.g.
+    the directory a plain model checkpoint too. ``checksums=False``: the manifest records sizes only. Saving the iteration ``latest`` already names (e.g.
     SIGTERM right after a periodic save) does nothing: replacing it could not be atomic.
     """
     out = iteration_dir(save_dir, iteration)
@@ -161,6 +163,7 @@ def save_training_checkpoint(
         if rank0:
             info = {"iteration": iteration, "layout": _layout(), "scheduler": scheduler.state_dict(), "state": state}
             (tmp / STATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_manifest(tmp, checksums)
     if rank0:
         _write_text_atomically(Path(save_dir) / LATEST_FILE, f"{iteration}\n")
     torch.distributed.barrier()  # no rank goes on (or exits on SIGTERM) before `latest` moved
@@ -173,13 +176,16 @@ def load_training_checkpoint(
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
     arch: Architecture | None = None,
+    *,
+    checksums: bool = True,
 ) -> tuple[int, dict[str, Any]] | None:
     """Restore the checkpoint ``save_dir/latest`` names; return ``(iteration, state)``, or None
     when ``save_dir`` has no checkpoint yet (a fresh run). Collective.
 
     Any TP x PP x DP loads it. ``arch`` (what ``model`` was built from) makes a checkpoint of
     another shape fail with the differing fields named. RNG states are exact only at the saving
-    layout (see :func:`_restore_rng`).
+    layout (see :func:`_restore_rng`). Every file read is verified against the checkpoint's
+    manifest (SHA-256 unless ``checksums`` is False) and nothing is unpickled.
     """
     iteration = read_latest(save_dir)
     if iteration is None:
@@ -194,10 +200,11 @@ def load_training_checkpoint(
     if not (ckpt / STATE_FILE).is_file():
         raise NotACheckpointError(f"{ckpt} is not a training checkpoint (no {STATE_FILE})")
     gpt = unwrap_model(model)
-    load_checkpoint(gpt, ckpt, arch)  # checks completeness and shape, loads the weights
+    load_checkpoint(gpt, ckpt, arch, checksums=checksums)  # checks completeness and shape, loads the weights
+    verify_manifest(ckpt, (OPTIMIZER_DIR, RNG_DIR), checksums)
     _init_optimizer_state(optimizer)
     sharded = optimizer.sharded_state_dict(gpt.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
-    _load_optimizer_state(optimizer, dist_checkpointing.load(sharded, str(ckpt / OPTIMIZER_DIR)))
+    _load_optimizer_state(optimizer, safe_dcp_load(sharded, ckpt / OPTIMIZER_DIR))
     info = json.loads((ckpt / STATE_FILE).read_text())
     scheduler.load_state_dict(info["scheduler"])
     _restore_rng(ckpt, info["layout"])

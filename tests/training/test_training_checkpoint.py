@@ -8,6 +8,7 @@ checkpoint, compares parameters and Adam moments, continues, and checks the erro
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import warnings
 from pathlib import Path
@@ -149,7 +150,7 @@ def _outcome(call) -> str:
         return f"{type(err).__name__}: {err}"
 
 
-def _resume_at_dp1(save_dir: Path, hf_dir: Path, broken: Path, model_only: Path, empty: Path) -> dict:
+def _resume_at_dp1(save_dir: Path, hf_dir: Path, broken: Path, model_only: Path, empty: Path, damaged: Path) -> dict:
     from megatron.core import parallel_state
 
     from megatron_minillm.checkpoint.dist_checkpoint import load_model
@@ -195,6 +196,7 @@ def _resume_at_dp1(save_dir: Path, hf_dir: Path, broken: Path, model_only: Path,
         "broken": _outcome(lambda: load_training_checkpoint(broken, ddp, optimizer, scheduler)),
         "model_only": _outcome(lambda: load_training_checkpoint(model_only, ddp, optimizer, scheduler)),
         "empty": _outcome(lambda: load_training_checkpoint(empty, ddp, optimizer, scheduler)),
+        "damaged": _outcome(lambda: load_training_checkpoint(damaged, ddp, optimizer, scheduler)),
         "shape": _outcome(
             lambda: load_training_checkpoint(save_dir, build_model(shallow), optimizer, scheduler, shallow)
         ),
@@ -235,7 +237,14 @@ def second_run(first_run, dirs) -> list[dict]:
     (model_only / "iter_0000001").mkdir(parents=True)  # e.g. `latest` edited to name a converted model
     (model_only / "latest").write_text("1\n")
     empty.mkdir()
-    return run_distributed(_resume_at_dp1, 2, dirs["save"], dirs["hf"], broken, model_only, empty)
+    damaged = dirs["root"] / "damaged"  # bytes changed in every optimizer shard: each rank hashes some
+    shutil.copytree(dirs["save"] / "iter_0000002", damaged / "iter_0000002")
+    (damaged / "latest").write_text("2\n")
+    for shard in (damaged / "iter_0000002" / "optimizer").glob("*.distcp"):
+        with open(shard, "r+b") as f:
+            f.seek(shard.stat().st_size // 2)
+            f.write(bytes(255 - b for b in f.read(16)))
+    return run_distributed(_resume_at_dp1, 2, dirs["save"], dirs["hf"], broken, model_only, empty, damaged)
 
 
 def test_resume_at_another_dp_size(first_run, second_run):
@@ -266,6 +275,9 @@ def test_partial_saves_errors_and_preemption(second_run, dirs):
             r["model_only"],
         ), r["model_only"]
         assert r["empty"] == "returned None"
+        shards = sorted((dirs["root"] / "damaged" / "iter_0000002" / "optimizer").glob("*.distcp"))
+        assert r["damaged"].startswith("DamagedCheckpointError: damaged: ") and len(shards) >= 2, r["damaged"]
+        assert all(str(shard) in r["damaged"] for shard in shards), r["damaged"]  # found by both ranks
         assert "CheckpointMismatchError" in r["shape"] and "num_layers: checkpoint 4 vs model 2" in r["shape"], r
         assert r["preempted"] == (False, True), "SIGTERM on rank 1 must stop every rank"
     # The later save replaced the stale .partial and moved `latest`.
