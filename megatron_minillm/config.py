@@ -15,8 +15,9 @@ refused with the new key named (:data:`MOVED_KEYS`).
 """
 
 import dataclasses
+import math
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,22 @@ def _at_least_one(section: object, *names: str) -> None:
     for name in names:
         if getattr(section, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(section, name)}")
+
+
+def _require(section: object, prefix: str, rule: str, ok: Callable[[float], bool], *names: str) -> None:
+    """Each of ``names`` must satisfy ``ok`` (NaN satisfies no comparison, so it fails every rule)."""
+    for name in names:
+        value = getattr(section, name)
+        if not ok(value):
+            raise ConfigError(f"{prefix}.{name} must be {rule}, got {value!r}")
+
+
+def _positive(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return math.isfinite(v) and v >= 0
 
 
 @dataclass
@@ -101,6 +118,11 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = knob(True, "shard the optimizer state over DP ranks (ZeRO-1)")
 
     def __post_init__(self) -> None:
+        _require(self, "optimizer", "a finite number > 0", _positive, "lr", "adam_eps")
+        _require(self, "optimizer", "a finite number >= 0", _non_negative, "weight_decay", "clip_grad")
+        _require(self, "optimizer", f"in [0, optimizer.lr={self.lr}]", lambda v: 0 <= v <= self.lr, "min_lr")
+        _require(self, "optimizer", "in [0, 1)", lambda v: 0 <= v < 1, "adam_beta1", "adam_beta2")
+        _require(self, "optimizer", ">= 0", lambda v: v >= 0, "lr_warmup_iters")
         if self.lr_decay_style not in ("constant", "cosine", "linear"):
             raise ConfigError(f"lr_decay_style {self.lr_decay_style!r} is not constant, cosine or linear")
 
@@ -118,8 +140,10 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _at_least_one(self, "batch_size", "micro_batch_size")
-        if not 0 <= self.mix_alpha <= 1:
-            raise ConfigError(f"rollout.mix_alpha ({self.mix_alpha}) must be in [0, 1]")
+        try:  # temperature, top-k, top-p and mix_alpha, with the sampler's own rules and messages
+            self.sampling_params(1, ())
+        except ValueError as err:
+            raise ConfigError(f"rollout.{err}") from None
 
     def sampling_params(self, max_new_tokens: int, stop_ids: Sequence[int], mix: bool = True) -> SamplingParams:
         """The sampler's settings; ``mix=False`` samples without the teacher mixture (SeqKD's teacher)."""
@@ -150,6 +174,9 @@ class MiniLLMConfig:
 
     def __post_init__(self) -> None:
         _at_least_one(self, "ppo_epochs")
+        _require(self, "minillm", "in [0, 1]", lambda v: 0 <= v <= 1, "gamma")
+        _require(self, "minillm", "a finite number > 0", _positive, "clip_eps", "reward_scaling", "reward_clip")
+        _require(self, "minillm", "a finite number >= 0", _non_negative, "lm_coef")
         if not (self.policy_gradient or self.single_step):
             raise ConfigError(
                 "minillm with minillm.policy_gradient=false and minillm.single_step=false has no rollout loss; keep at least one of them"
@@ -173,6 +200,14 @@ class CheckpointConfig:
 
     save: str | None = knob(None, "checkpoint directory; None: no checkpoints")
     save_interval: int = knob(0, "iterations between saves; 0: only at the end and on SIGTERM")
+    checksums: bool = knob(
+        True,
+        "SHA-256 of every checkpoint file in a manifest at save, verified at load; false: sizes only, "
+        "for users who accept the risk",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self, "checkpoint", ">= 0", lambda v: v >= 0, "save_interval")
 
 
 @dataclass

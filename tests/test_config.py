@@ -71,3 +71,25 @@ def test_algorithms_are_the_objectives_and_help_lists_every_key():
         for key, field in cls.__dataclass_fields__.items():
             assert f"{section}.{key}" in done.stdout and field.metadata["help"] in done.stdout
     assert "examples/configs/minillm.yaml" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=nan", "optimizer.lr must be a finite number > 0, got nan"),
+        ("optimizer.lr=0", "optimizer.lr must be a finite number > 0, got 0.0"),
+        ("optimizer.lr=.inf", "optimizer.lr must be a finite number > 0, got inf"),
+        ("optimizer.min_lr=1", r"optimizer.min_lr must be in \[0, optimizer.lr=5e-06\], got 1.0"),
+        ("optimizer.adam_beta2=1", r"optimizer.adam_beta2 must be in \[0, 1\), got 1.0"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay must be a finite number >= 0"),
+        ("rollout.temperature=0", "rollout.temperature must be a finite number > 0, got 0.0"),
+        ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\], got 0.0"),
+        ("minillm.gamma=1.5", r"minillm.gamma must be in \[0, 1\], got 1.5"),
+        ("minillm.reward_scaling=0", "minillm.reward_scaling must be a finite number > 0"),
+        ("checkpoint.save_interval=-1", "checkpoint.save_interval must be >= 0, got -1"),
+    ],
+)
+def test_values_that_cannot_train_are_refused(override, message):
+    """Before any model loads (the trainer checks max_length against the models' context: test_bad_inputs)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["student=s", "teacher=t", "data=d", override])
