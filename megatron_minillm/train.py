@@ -4,8 +4,10 @@
     srun python -m megatron_minillm.train --config examples/configs/kd.yaml optimizer.lr=1e-5
 
 Every key below can be set in the YAML file (sections as mappings) or as ``key=value`` /
-``section.key=value`` after it. The resolved config is logged. Exits with status 2 and one message
-on a configuration error.
+``section.key=value`` after it. The resolved config is logged. Errors: one line, exit status 2 for
+bad input, 1 otherwise (``MINILLM_DEBUG=1`` shows the traceback; megatron_minillm/cli.py). A SIGTERM
+saves and ends with status 0; under torchrun launch with ``python -m megatron_minillm.launch`` (torchrun's
+arguments) for the launcher's status to be 0 too.
 """
 
 import argparse
@@ -14,10 +16,9 @@ import logging
 import os
 import sys
 
-from megatron_minillm.checkpoint.dist_checkpoint import NotACheckpointError
-from megatron_minillm.config import ConfigError, describe, load_config
-from megatron_minillm.data import DatasetLayoutError, TokenizerError, TokenizerMismatchError
-from megatron_minillm.parallel import LayoutError, cli_exit_status
+from megatron_minillm.cli import run_cli
+from megatron_minillm.config import describe, load_config
+from megatron_minillm.parallel import destroy_distributed
 from megatron_minillm.training.trainer import Trainer
 
 
@@ -38,18 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("megatron_minillm.train").info("config %s", json.dumps(cfg.to_dict(), sort_keys=True))
         trainer.run()
 
-    return cli_exit_status(
-        body,
-        (
-            ConfigError,
-            LayoutError,
-            NotACheckpointError,
-            TokenizerError,
-            TokenizerMismatchError,
-            DatasetLayoutError,
-            FileNotFoundError,
-        ),
-    )
+    return run_cli(body, teardown=destroy_distributed)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ vocabulary; exits with status 2 and one clear message when the layout cannot wor
 import argparse
 import sys
 
+from megatron_minillm.cli import run_cli
 from megatron_minillm.models import check_layout, load_architecture, padded_vocab_size
-from megatron_minillm.models.hf_config import UnsupportedModelError
-from megatron_minillm.parallel import LayoutError, ParallelLayout
+from megatron_minillm.parallel import ParallelLayout
 
 
 def main() -> int:
@@ -27,7 +27,8 @@ def main() -> int:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     args = parser.parse_args()
-    try:
+
+    def body() -> None:
         layout = ParallelLayout(tp=args.tp, pp=args.pp, world_size=args.world_size)
         print(f"layout: TP={layout.tp} PP={layout.pp} DP={layout.dp} ({layout.world_size} ranks)")
         for path in args.model:
@@ -40,10 +41,8 @@ def main() -> int:
                 f"{arch.num_query_groups // layout.tp} KV heads per TP rank, "
                 f"vocab {arch.vocab_size} padded to {vocab} ({vocab // layout.tp} per TP rank)"
             )
-    except (LayoutError, UnsupportedModelError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

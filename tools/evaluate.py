@@ -9,7 +9,8 @@ Samples responses with each seed (defaults: the paper's temperature 1, top-p 1, 
 --teacher: Rouge-L against the teacher's responses, per-token reverse and forward KL to the teacher
 on the model's and on the teacher's samples, and ExAccErr; ECE on the references; response lengths.
 Writes results.json, results.md, PNG plots and responses.jsonl into --output-dir (atomically) and
-prints the table. See docs/evaluation.md. Exits with status 2 and one message on bad input.
+prints the table. See docs/evaluation.md. Errors: one line, exit status 2 for bad input
+(megatron_minillm/cli.py).
 """
 
 import argparse
@@ -19,12 +20,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_minillm.checkpoint.dist_checkpoint import atomic_directory, refuse_existing
+from megatron_minillm.checkpoint.dist_checkpoint import atomic_directory
+from megatron_minillm.cli import run_cli
 from megatron_minillm.data.formats import FORMATS
 from megatron_minillm.data.templates import TEMPLATES
 from megatron_minillm.evaluation.evaluate import EvalConfig, evaluate_checkpoints, write_evaluation
 from megatron_minillm.evaluation.report import markdown_table
-from megatron_minillm.parallel import cli_exit_status, init_distributed
+from megatron_minillm.parallel import destroy_distributed, init_distributed
+from megatron_minillm.paths import check_output_path
 
 DEFAULTS = EvalConfig()
 
@@ -59,6 +62,7 @@ def parse_args() -> argparse.Namespace:
         "--exposure-bias-length", type=int, help="steps of the ExAccErr curve (default: --max-new-tokens)"
     )
     parser.add_argument("--ece-bins", type=int, default=DEFAULTS.ece_bins)
+    parser.add_argument("--no-checksums", action="store_true", help="check checkpoint file sizes only, not SHA-256")
     args = parser.parse_args()
     if args.name is not None and len(args.name) != len(args.load):
         parser.error(f"give one --name per --load ({len(args.load)}), got {len(args.name)}")
@@ -78,8 +82,7 @@ def run(args: argparse.Namespace) -> None:
         exposure_bias_length=args.exposure_bias_length,
         ece_bins=args.ece_bins,
     )
-    out = Path(args.output_dir)
-    refuse_existing(out, args.overwrite)  # before hours of evaluation, not after
+    out = check_output_path(args.output_dir, "--output-dir", exist_ok=args.overwrite)  # before hours of evaluation
     names = args.name or [Path(p).name for p in args.load]
     init_distributed(tp=args.tp, pp=args.pp, seed=cfg.seeds[0])
     rank0 = dist.get_rank() == 0
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> None:
         template=args.template,
         teacher=(args.teacher_name, args.teacher) if args.teacher else None,
         progress=True,
+        checksums=not args.no_checksums,
     )
     with atomic_directory(out, args.overwrite) as tmp:
         if rank0:
@@ -110,8 +114,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     args = parse_args()
-    # Every input error of the library is one of these (its own error classes derive from ValueError).
-    return cli_exit_status(lambda: run(args), (ValueError, FileNotFoundError, FileExistsError))
+    return run_cli(lambda: run(args), teardown=destroy_distributed)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Prompts: jsonl/json records {"prompt": text} or {"input_ids": [...]} used as the
 the default), or instruction data (--format auto|dolly|alpaca|self_instruct|prompt_completion|chat)
 rendered with --template. Each output line: index, prompt, text, token_ids, log_q (and log_p,
 log_mix with a teacher), reference if the data has one. Generation stops at the tokenizer's EOS
-and any --stop-ids. Exits with status 2 and one message on bad input.
+and any --stop-ids. Errors: one line, exit status 2 for bad input (megatron_minillm/cli.py).
 """
 
 import argparse
@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_minillm.checkpoint.dist_checkpoint import NotACheckpointError, load_model
-from megatron_minillm.data import DataFormatError, TemplateError, TokenizerError, TokenizerMismatchError
+from megatron_minillm.checkpoint.dist_checkpoint import load_model, read_metadata
+from megatron_minillm.cli import run_cli
 from megatron_minillm.data.formats import FORMATS
 from megatron_minillm.data.prompts import load_prompts
 from megatron_minillm.data.templates import TEMPLATES
 from megatron_minillm.data.tokenizer import check_tokenizers_compatible, load_tokenizer
-from megatron_minillm.models import UnsupportedModelError
-from megatron_minillm.parallel import LayoutError, cli_exit_status, init_distributed
+from megatron_minillm.models import load_architecture
+from megatron_minillm.parallel import destroy_distributed, init_distributed
+from megatron_minillm.paths import check_output_path
 from megatron_minillm.sampling import GenerationError, SamplingParams, generate_all
 
 
@@ -53,30 +54,57 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stop-ids", type=int, nargs="*", default=[], help="stop tokens besides EOS")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call and DP rank")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="jsonl file (replaced atomically when it exists)")
+    parser.add_argument("--no-checksums", action="store_true", help="check checkpoint file sizes only, not SHA-256")
     return parser.parse_args()
 
 
-def run(args: argparse.Namespace) -> None:
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        greedy=args.greedy,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        mix_alpha=args.mix_alpha,
-    )
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The flags as SamplingParams, whose messages name the field (``temperature must be ...``)."""
+    try:
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            greedy=args.greedy,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            mix_alpha=args.mix_alpha,
+        )
+    except ValueError as err:
+        hint = "; --greedy decodes without sampling" if str(err).startswith("temperature") else ""
+        raise GenerationError(f"{err}{hint}") from None
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Before any process group or model: the checkpoints complete, --max-new-tokens within every
+    model's context (their config.json), --output writable."""
     if args.mix_alpha and not args.teacher:
         raise GenerationError("--mix-alpha needs --teacher")
+    for flag, path in (("--load", args.load), ("--teacher", args.teacher)):
+        if path is None:
+            continue
+        read_metadata(path)
+        context = load_architecture(path).max_position_embeddings
+        if args.max_new_tokens >= context:
+            raise GenerationError(
+                f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
+                f"{flag} {path} ({context} positions, config.json); lower --max-new-tokens"
+            )
+    check_output_path(args.output, "--output", exist_ok=True, is_dir=False)
+
+
+def run(args: argparse.Namespace) -> None:
+    params = sampling_params(args)
+    check_inputs(args)
     init_distributed(tp=args.tp, pp=args.pp, seed=args.seed)
     tokenizer = load_tokenizer(args.load)
-    model, arch, meta = load_model(args.load)
+    model, arch, meta = load_model(args.load, checksums=not args.no_checksums)
     teacher = None
     if args.teacher:
         teacher_tokenizer = load_tokenizer(args.teacher)
-        teacher, teacher_arch, teacher_meta = load_model(args.teacher)
+        teacher, teacher_arch, teacher_meta = load_model(args.teacher, checksums=not args.no_checksums)
         check_tokenizers_compatible(
             teacher_tokenizer, tokenizer, teacher_meta.padded_vocab_size, meta.padded_vocab_size, args.tp
         )
@@ -118,21 +146,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     args = parse_args()
-    return cli_exit_status(
-        lambda: run(args),
-        (
-            GenerationError,
-            LayoutError,
-            NotACheckpointError,
-            UnsupportedModelError,
-            TokenizerError,
-            TokenizerMismatchError,
-            DataFormatError,
-            TemplateError,
-            FileNotFoundError,
-            ValueError,
-        ),
-    )
+    return run_cli(lambda: run(args), teardown=destroy_distributed)
 
 
 if __name__ == "__main__":

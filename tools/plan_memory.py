@@ -18,9 +18,8 @@ import json
 import sys
 
 from megatron_minillm.algorithms import OBJECTIVES
+from megatron_minillm.cli import run_cli
 from megatron_minillm.config import ConfigError, TrainConfig, load_config
-from megatron_minillm.models.hf_config import UnsupportedModelError
-from megatron_minillm.parallel import LayoutError
 from megatron_minillm.planning.memory import (
     GiB,
     PlanConfig,
@@ -92,11 +91,7 @@ def main() -> int:
     parser.add_argument("--max-suggestions", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     args = parser.parse_args()
-    try:
-        return _run(args)
-    except (PlanError, LayoutError, UnsupportedModelError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

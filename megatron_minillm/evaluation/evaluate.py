@@ -78,7 +78,10 @@ class EvalConfig:
                 f"exposure_bias_length must be in [1, max_new_tokens={self.max_new_tokens}], "
                 f"got {self.exposure_bias_length}"
             )
-        self.sampling_params(())  # the sampling settings fail here, with SamplingParams' own messages
+        try:  # the sampling settings fail here, with SamplingParams' own messages
+            self.sampling_params(())
+        except ValueError as err:
+            raise EvaluationError(str(err)) from None
 
     def sampling_params(self, stop_ids: Sequence[int]) -> SamplingParams:
         return SamplingParams(
@@ -354,8 +357,8 @@ class EvalReport:
     info: dict  # settings and data counts, for results.json
 
 
-def _load(path: str | Path) -> EvalModel:
-    model, arch, _ = load_model(path)
+def _load(path: str | Path, checksums: bool) -> EvalModel:
+    model, arch, _ = load_model(path, checksums=checksums)
     return EvalModel(model, arch)
 
 
@@ -368,13 +371,15 @@ def evaluate_checkpoints(
     fmt: str = "auto",
     template: str = "alpaca",
     progress: bool = False,
+    checksums: bool = True,
 ) -> EvalReport:
     """Evaluate (name, checkpoint) pairs on one instruction file at the current layout (collective).
 
     Every checkpoint is validated and every tokenizer checked against the teacher's (else the first
     model's) before any model is loaded. The teacher is loaded once, samples once per seed, and is
     evaluated itself (first row, without the teacher comparison); then each model in turn is loaded,
-    evaluated against the teacher and freed.
+    evaluated against the teacher and freed. ``checksums=False``: the checkpoints' files are
+    checked against their manifests by size only.
     """
     named = ([teacher] if teacher else []) + list(checkpoints)
     names = [n for n, _ in named]
@@ -399,13 +404,13 @@ def evaluate_checkpoints(
     evaluations, reference = [], None
     if teacher:
         logger.info("evaluating %s (teacher)", teacher[0])
-        teacher_model = _load(teacher[1])
+        teacher_model = _load(teacher[1], checksums)
         teacher_responses = generate_responses(teacher_model, eval_set, tokenizer, cfg, progress)
         evaluations.append(evaluate_model(teacher[0], teacher_model, teacher_responses, eval_set, cfg))
         reference = (teacher_model, teacher_responses)
     for name, path in checkpoints:
         logger.info("evaluating %s", name)
-        model = _load(path)
+        model = _load(path, checksums)
         responses = generate_responses(model, eval_set, tokenizer, cfg, progress)
         evaluations.append(evaluate_model(name, model, responses, eval_set, cfg, reference))
         del model

@@ -4,7 +4,6 @@ vocabulary split over a TP group (``parallel.vocab``: ranges, padding, TP collec
 from megatron_minillm.parallel.initialize import (
     LayoutError,
     ParallelLayout,
-    cli_exit_status,
     destroy_distributed,
     init_distributed,
     set_random_seed,
@@ -13,7 +12,6 @@ from megatron_minillm.parallel.initialize import (
 __all__ = [
     "LayoutError",
     "ParallelLayout",
-    "cli_exit_status",
     "destroy_distributed",
     "init_distributed",
     "set_random_seed",

@@ -10,9 +10,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
-import sys
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +87,16 @@ def env_from_slurm(env: MutableMapping[str, str]) -> None:
         env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
 
 
+def _default_port(world_size: int) -> str:
+    """A port nobody gave: a free one for a lone process (two tools on one host must not collide
+    on 29500), torch's 29500 for several (they must agree, and only a launcher can tell them)."""
+    if world_size > 1:
+        return "29500"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def set_random_seed(seed: int) -> None:
     """Seed Python, NumPy, torch and megatron's model-parallel RNG tracker as Megatron-LM does.
 
@@ -120,7 +130,7 @@ def init_distributed(
     setup_platform(local_rank)
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", environ.get("MASTER_ADDR", "127.0.0.1"))
-        os.environ.setdefault("MASTER_PORT", environ.get("MASTER_PORT", "29500"))
+        os.environ.setdefault("MASTER_PORT", environ.get("MASTER_PORT") or _default_port(world_size))
         torch.distributed.init_process_group(
             backend=backend(),
             rank=rank,
@@ -141,16 +151,3 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def cli_exit_status(body: Callable[[], None], input_errors: tuple[type[Exception], ...]) -> int:
-    """Run a command-line tool's ``body``: status 0, or 2 with one line ``error: ...`` on stderr
-    for an error of its input; the process groups are torn down either way."""
-    try:
-        body()
-    except input_errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0

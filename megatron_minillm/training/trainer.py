@@ -29,13 +29,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from megatron_minillm.algorithms import OBJECTIVES, BatchKind, token_normalize
-from megatron_minillm.checkpoint.dist_checkpoint import load_model
+from megatron_minillm.checkpoint.dist_checkpoint import load_model, read_metadata
 from megatron_minillm.config import ConfigError, TrainConfig
 from megatron_minillm.data import InstructionDataset, PretrainDataset, check_tokenizers_compatible, load_tokenizer
 from megatron_minillm.data.micro_batch import MicroBatch, pack, sequence_length
 from megatron_minillm.losses import token_log_probs
+from megatron_minillm.models import load_architecture
 from megatron_minillm.models.builder import DTYPES
 from megatron_minillm.parallel import init_distributed
+from megatron_minillm.paths import check_output_path
+from megatron_minillm.planning.memory import stage_parameters
 from megatron_minillm.platform import device, is_cuda
 from megatron_minillm.sampling import Rollout, generate, sample_seeds
 from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
@@ -77,9 +80,45 @@ def response_tensors(rollout: Rollout) -> tuple[list[Tensor], list[Tensor], list
     )
 
 
+# A training checkpoint holds, per parameter, the weight in the training dtype plus fp32 main
+# params and Adam's two moments (the optimizer state in full, gathered from its DP shards).
+OPTIMIZER_BYTES_PER_PARAM = 12
+
+
+def checkpoint_bytes(ckpt: str, dtype: str) -> int:
+    """About what one training checkpoint of the model in ``ckpt`` takes on disk."""
+    meta = read_metadata(ckpt)
+    arch = load_architecture(ckpt)
+    params = sum(stage_parameters(arch, 1, 1, 0, padded_vocab=meta.padded_vocab_size).values())
+    return params * (DTYPES[dtype].itemsize + OPTIMIZER_BYTES_PER_PARAM)
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """What can fail before any model loads (minutes for a large teacher), checked first: the paths,
+    both checkpoints complete, ``training.max_length`` within both models' context (from their
+    config.json), and the outputs writable, with room for a checkpoint."""
+    cfg.check_paths()
+    for role in ("student", "teacher"):
+        path = getattr(cfg, role)
+        if not path:
+            continue
+        read_metadata(path)
+        context = load_architecture(path).max_position_embeddings
+        if cfg.training.max_length > context:
+            raise ConfigError(
+                f"training.max_length={cfg.training.max_length} exceeds the {role}'s context of {context} "
+                f"positions ({path}/config.json); lower training.max_length (and training.max_prompt_length)"
+            )
+    if cfg.checkpoint.save:
+        size = checkpoint_bytes(cfg.student, cfg.training.dtype)
+        check_output_path(cfg.checkpoint.save, "checkpoint.save", exist_ok=True, expected_bytes=size)
+    if cfg.logging.tensorboard_dir:
+        check_output_path(cfg.logging.tensorboard_dir, "logging.tensorboard_dir", exist_ok=True)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        cfg.check_paths()
+        check_inputs(cfg)
         self.cfg = cfg
         self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
         self.dp, self.dp_rank = self.layout.dp, parallel_state.get_data_parallel_rank()
@@ -87,17 +126,23 @@ class Trainer:
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.device = device()
         self.tokenizer = load_tokenizer(cfg.student)
-        student, self.arch, self.meta = load_model(cfg.student, dtype=cfg.training.dtype)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.objective = OBJECTIVES[cfg.algorithm](cfg, self.arch.vocab_size, tp_group=self.tp_group)
+        vocab_size = load_architecture(cfg.student).vocab_size
+        self.objective = OBJECTIVES[cfg.algorithm](cfg, vocab_size, tp_group=self.tp_group)
         self._check_batches()
+        # The data before the models: a wrong prefix fails in seconds, not after loading a teacher.
+        self.data = InstructionDataset(cfg.data)
+        pt_kind = self.objective.pretraining_kind
+        self.pt_data = PretrainDataset(cfg.pt_data, cfg.training.max_length + 1) if pt_kind else None
+        checksums = cfg.checkpoint.checksums
+        student, self.arch, self.meta = load_model(cfg.student, dtype=cfg.training.dtype, checksums=checksums)
         if cfg.training.recompute:
             student.config.recompute_granularity, student.config.recompute_method = "full", "uniform"
             student.config.recompute_num_layers = 1
         self.teacher = None
         if cfg.teacher:
             teacher_tokenizer = load_tokenizer(cfg.teacher)
-            self.teacher, _, teacher_meta = load_model(cfg.teacher, dtype=cfg.training.dtype)
+            self.teacher, _, teacher_meta = load_model(cfg.teacher, dtype=cfg.training.dtype, checksums=checksums)
             check_tokenizers_compatible(
                 teacher_tokenizer,
                 self.tokenizer,
@@ -125,9 +170,6 @@ class Trainer:
             lr_warmup_iters=opt.lr_warmup_iters,
             lr_decay_style=opt.lr_decay_style,
         )
-        self.data = InstructionDataset(cfg.data)
-        pt_kind = self.objective.pretraining_kind
-        self.pt_data = PretrainDataset(cfg.pt_data, cfg.training.max_length + 1) if pt_kind else None
         self.timers = Timers()
         self.sample_stats: dict[str, float] = {}
         self.preemption = PreemptionFlag()
@@ -420,7 +462,9 @@ class Trainer:
         save = self.cfg.checkpoint.save
         if not save:
             return 0
-        found = load_training_checkpoint(save, self.model, self.optimizer, self.scheduler, self.arch)
+        found = load_training_checkpoint(
+            save, self.model, self.optimizer, self.scheduler, self.arch, checksums=self.cfg.checkpoint.checksums
+        )
         if found is None:
             return 0
         iteration, _ = found
@@ -440,6 +484,7 @@ class Trainer:
             state,
             metadata=self.meta,
             hf_dir=self.cfg.student,
+            checksums=self.cfg.checkpoint.checksums,
         )
 
     def _log(self, iteration: int, metrics: dict[str, float], elapsed: float, writer) -> None:

@@ -6,12 +6,15 @@
     python tools/checkpoint/make_student.py --hf TEACHER_HF_DIR --out STUDENT_HF_DIR --layers 0 2 4 6
 
 The result is an ordinary HF directory: convert it with `convert.py hf-to-mcore` like the teacher.
+Errors: one line, exit status 2 for bad input (megatron_minillm/cli.py).
 """
 
 import argparse
 import sys
 
 from megatron_minillm.checkpoint.student import make_student
+from megatron_minillm.cli import run_cli
+from megatron_minillm.paths import check_input_dir, check_output_path
 
 
 def main() -> int:
@@ -23,13 +26,15 @@ def main() -> int:
     which.add_argument("--layers", type=int, nargs="+", help="teacher layer indices to keep, increasing")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    try:
+
+    def body() -> None:
+        check_input_dir(args.hf, "--hf", "config.json and the weights")
+        check_output_path(args.out, "--out", exist_ok=args.overwrite)
         layers = make_student(args.hf, args.out, args.layers or args.num_layers, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}: teacher layers {layers}")
-    return 0
+        print(f"wrote {args.out}: teacher layers {layers}")
+
+    # make_student's ValueErrors are about its input (layer indices, the config's layer count).
+    return run_cli(body, input_errors=(ValueError,))
 
 
 if __name__ == "__main__":
