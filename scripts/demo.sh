@@ -43,7 +43,8 @@ fi
 [ "$FRESH" = 1 ] && rm -rf "$OUT"
 mkdir -p "$OUT"
 # One process needs no launcher (its MASTER_PORT, if set, is read from the environment).
-if [ "$TP" = 1 ]; then RUN=(python); else RUN=(torchrun --nproc-per-node "$TP" --master-port "${MASTER_PORT:-29533}"); fi
+# Several: megatron_minillm.launch (torchrun with exit status 0 after a SIGTERM the workers saved on).
+if [ "$TP" = 1 ]; then RUN=(python); else RUN=(python -m megatron_minillm.launch --nproc-per-node "$TP" --master-port "${MASTER_PORT:-29533}"); fi
 step() { echo; echo "=== [demo $(date +%T)] $*"; }
 last_checkpoint() { printf "%s/iter_%07d" "$1" "$(cat "$1/latest")"; }  # `latest` holds the iteration
 trained() { [ -f "$1/latest" ] && [ "$(cat "$1/latest")" -ge "$2" ]; }  # else the trainer resumes from $1
