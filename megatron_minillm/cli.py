@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from megatron_minillm.checkpoint.dist_checkpoint import NotACheckpointError
+from megatron_minillm.checkpoint.dist_checkpoint import CheckpointWriteError, NotACheckpointError
 from megatron_minillm.checkpoint.hf_mapping import CheckpointMismatchError
 from megatron_minillm.config import ConfigError
 from megatron_minillm.data import (
@@ -40,6 +40,7 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (
     LayoutError,
     NotACheckpointError,
     CheckpointMismatchError,
+    CheckpointWriteError,
     UnsupportedModelError,
     TokenizerError,
     TokenizerMismatchError,
