@@ -33,7 +33,7 @@ def test_cli_bf16_round_trip_and_errors(tmp_path):
     assert all(torch.equal(exported[k], v.to(torch.bfloat16)) for k, v in original.items())
 
     missing = _convert("hf-to-mcore", "--hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
-    assert missing.returncode == 2 and f"no Hugging Face config.json at {tmp_path / 'nowhere'}" in missing.stderr
+    assert missing.returncode == 2 and f"--hf {tmp_path / 'nowhere'} does not exist" in missing.stderr
 
     not_ckpt = _convert("mcore-to-hf", "--ckpt", str(hf_dir), "--out", str(tmp_path / "y"))
     assert not_ckpt.returncode == 2 and "is not a megatron_minillm checkpoint" in not_ckpt.stderr
