@@ -18,12 +18,12 @@ class OutputPathError(ValueError):
 
 
 def check_input_dir(path: str | Path, what: str, holds: str) -> Path:
-    """``path`` must not be a file where a directory (holding ``holds``) is expected: a parser's
-    message about a file's contents (``Extra data: line 2``) would not say so. A missing path is
-    left to the reader's own error."""
+    """``path`` must be an existing directory (holding ``holds``): a parser's message about a file
+    read in its place (``Extra data: line 2``) would not say what is wrong."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{what} {path} is a file; give the directory holding {holds}")
+    if not path.is_dir():
+        state = "is a file" if path.exists() else "does not exist"
+        raise NotADirectoryError(f"{what} {path} {state}; give the directory holding {holds}")
     return path
 
 
