@@ -5,15 +5,18 @@ status under the launcher: tests/training/test_trainer.py."""
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 from harness import run_distributed, run_tool_in_workers
+from tokenizer_zoo import copy_with_extra_token
 
 from megatron_minillm.cli import run_cli
 from megatron_minillm.config import ConfigError
+from megatron_minillm.data import InstructionConfig, preprocess_instructions
 from megatron_minillm.paths import OutputPathError, check_output_path
 
 
@@ -97,6 +100,23 @@ def test_training_refuses_what_cannot_train_before_loading_a_model(tiny_pair, tm
     )
     assert_one_error(_train(tiny_pair, "checkpoint.save=/proc/minillm-run"), "cannot write in /proc")
     assert a_file.read_text() == "the user's"
+    # Data that does not match the run: prompts the config would cut, another tokenizer's dataset.
+    assert_one_error(
+        _train(tiny_pair, "training.max_prompt_length=16", "training.max_length=96"),
+        f"{tiny_pair['data']} holds prompts of up to 64 tokens",
+        "over max_prompt_length=16",
+    )
+    other_tokenizer = copy_with_extra_token(tiny_pair["student"], tmp_path / "other_tokenizer")
+    config = InstructionConfig(
+        inputs=[str(tiny_pair["valid"])],
+        output_prefix=str(tmp_path / "other"),
+        tokenizer=str(other_tokenizer),
+        max_prompt_length=64,
+        max_length=96,
+        template="none",
+    )
+    preprocess_instructions(config)
+    assert_one_error(_train(tiny_pair, f"data={tmp_path / 'other_train'}"), "other_summary.json", "tokenizer")
 
 
 def test_tools_name_the_bad_path_or_value(tiny_pair, tmp_path):
@@ -142,6 +162,21 @@ def test_tools_name_the_bad_path_or_value(tiny_pair, tmp_path):
     assert_one_error(
         run_tool_in_workers(*evaluate, "--output-dir", str(a_file / "eval")), f"{a_file} is a file, not a directory"
     )
+    assert_one_error(
+        run_tool_in_workers("tools/check_layout.py", "--model", str(a_file), "--world-size", "1"),
+        f"{a_file} is not a JSON object",
+    )
+    # A poisoned checkpoint index would run `touch` when unpickled: refused before anything reads it.
+    poisoned = shutil.copytree(tiny_pair["student"], tmp_path / "poisoned")
+    marker = tmp_path / "PWNED"
+    index = poisoned / "model" / ".metadata"
+    index.write_bytes(b"cposix\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR0" + index.read_bytes())
+    (poisoned / "manifest.json").unlink()
+    assert_one_error(
+        run_tool_in_workers("tools/generate.py", "--load", str(poisoned), *generate[3:], *out, "--max-new-tokens", "4"),
+        f"{index} refused: it asks for posix.system",
+    )
+    assert not marker.exists()
     assert not (tmp_path / "out.jsonl").exists() and a_file.read_text() == "{}\n{}\n"
 
 

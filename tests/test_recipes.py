@@ -511,9 +511,10 @@ def _sbatch(cluster: dict, recipe: str, script: str, *args: str, **env: str) -> 
     return done
 
 
-# Small runs: 2 processes, short sequences, 1 iteration of 4 rollouts; the layout is set per recipe.
+# Small runs: 2 processes, 1 iteration of 4 rollouts; the layout is set per recipe. max_prompt_length
+# covers the stand-in data's longest prompt (146 tokens): the trainer refuses to cut prompts.
 TINY = (
-    "training.train_iters=1 training.max_prompt_length=40 training.max_length=48 training.global_batch_size=4 "
+    "training.train_iters=1 training.max_prompt_length=160 training.max_length=168 training.global_batch_size=4 "
     "training.micro_batch_size=2 training.dtype=fp32 checkpoint.save_interval=0"
 )
 TINY_MINILLM = (

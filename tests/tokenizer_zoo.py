@@ -86,4 +86,8 @@ def copy_with_extra_token(src: Path, out: Path, token: str = "<|extra|>") -> Pat
     tokenizer = AutoTokenizer.from_pretrained(src)
     tokenizer.add_tokens([token])
     tokenizer.save_pretrained(out)
+    if (out / "manifest.json").is_file():  # a checkpoint: its manifest must fit the edited files
+        from megatron_minillm.checkpoint.integrity import write_manifest
+
+        write_manifest(out)
     return out

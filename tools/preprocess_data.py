@@ -17,18 +17,18 @@ leaves a split empty. See docs/data.md.
 
 import argparse
 import sys
+from pathlib import Path
 
+from megatron_minillm.cli import run_cli
 from megatron_minillm.data import (
     FORMATS,
     TEMPLATES,
-    DataFormatError,
     InstructionConfig,
     PreprocessConfig,
-    TemplateError,
-    TokenizerError,
     preprocess_instructions,
     preprocess_pretrain,
 )
+from megatron_minillm.paths import check_output_path
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,24 +78,24 @@ def main() -> int:
         skip_bad_lines=args.skip_bad_lines,
         append_eos=args.append_eos,
     )
-    try:
+
+    def body() -> None:
+        check_output_path(Path(args.output_prefix).parent, "--output-prefix's directory", exist_ok=True)
         if args.command == "instructions":
-            summary = preprocess_instructions(
-                InstructionConfig(
-                    **common,
-                    format=args.format,
-                    template=args.template,
-                    max_prompt_length=args.max_prompt_length,
-                    max_length=args.max_length,
-                )
+            config = InstructionConfig(
+                **common,
+                format=args.format,
+                template=args.template,
+                max_prompt_length=args.max_prompt_length,
+                max_length=args.max_length,
             )
+            summary = preprocess_instructions(config)
         else:
             summary = preprocess_pretrain(PreprocessConfig(**common))
-    except (DataFormatError, TemplateError, TokenizerError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(summary.report())
-    return 0
+        print(summary.report())
+
+    # The configs' ValueErrors are about the arguments (split, workers, format, template).
+    return run_cli(body, input_errors=(ValueError,))
 
 
 if __name__ == "__main__":

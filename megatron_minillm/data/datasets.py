@@ -21,7 +21,14 @@ def _open(path_prefix: str | Path) -> IndexedDataset:
             f"no indexed dataset at {prefix} (needs {prefix}.bin and {prefix}.idx); "
             "make one with tools/preprocess_data.py"
         )
-    return IndexedDataset(prefix)
+    if Path(prefix + ".bin").stat().st_size == 0:
+        raise DatasetLayoutError(f"{prefix}.bin is empty: the dataset holds no tokens; re-run tools/preprocess_data.py")
+    try:
+        return IndexedDataset(prefix)
+    except (ValueError, AssertionError, OSError, IndexError) as err:  # what megatron's reader raises
+        raise DatasetLayoutError(
+            f"{prefix}.idx / .bin are damaged ({type(err).__name__}: {err}); re-run tools/preprocess_data.py"
+        ) from err
 
 
 class InstructionDataset:
@@ -74,6 +81,11 @@ class PretrainDataset:
         self.seq_length = seq_length
         self._ends = np.cumsum(self._data.sequence_lengths, dtype=np.int64)
         self.num_tokens = int(self._ends[-1]) if len(self._ends) else 0
+        if self.num_tokens < seq_length:
+            raise DatasetLayoutError(
+                f"{path_prefix} holds {self.num_tokens} tokens, fewer than one chunk of {seq_length} "
+                "(training.max_length + 1): give more pretraining text"
+            )
 
     def __len__(self) -> int:
         return self.num_tokens // self.seq_length

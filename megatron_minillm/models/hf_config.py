@@ -197,5 +197,10 @@ def load_architecture(path: str | Path) -> Architecture:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no Hugging Face config.json at {path}")
-    with open(path) as f:
-        return architecture_from_dict(json.load(f))
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UnsupportedModelError(f"{path} is not a JSON object ({err}); is it a Hugging Face config.json?") from err
+    if not isinstance(config, dict):
+        raise UnsupportedModelError(f"{path} is not a JSON object; is it a Hugging Face config.json?")
+    return architecture_from_dict(config)

@@ -31,7 +31,13 @@ from tqdm import tqdm
 from megatron_minillm.algorithms import OBJECTIVES, BatchKind, token_normalize
 from megatron_minillm.checkpoint.dist_checkpoint import load_model, read_metadata
 from megatron_minillm.config import ConfigError, TrainConfig
-from megatron_minillm.data import InstructionDataset, PretrainDataset, check_tokenizers_compatible, load_tokenizer
+from megatron_minillm.data import (
+    InstructionDataset,
+    PretrainDataset,
+    check_dataset_matches,
+    check_tokenizers_compatible,
+    load_tokenizer,
+)
 from megatron_minillm.data.micro_batch import MicroBatch, pack, sequence_length
 from megatron_minillm.losses import token_log_probs
 from megatron_minillm.models import load_architecture
@@ -130,9 +136,14 @@ class Trainer:
         vocab_size = load_architecture(cfg.student).vocab_size
         self.objective = OBJECTIVES[cfg.algorithm](cfg, vocab_size, tp_group=self.tp_group)
         self._check_batches()
-        # The data before the models: a wrong prefix fails in seconds, not after loading a teacher.
+        # The data before the models: a wrong prefix or another tokenizer's dataset fails in seconds,
+        # not after loading a teacher.
+        limits = {"max_prompt_length": cfg.training.max_prompt_length, "max_length": cfg.training.max_length}
+        check_dataset_matches(cfg.data, self.tokenizer, **limits)
         self.data = InstructionDataset(cfg.data)
         pt_kind = self.objective.pretraining_kind
+        if pt_kind:
+            check_dataset_matches(cfg.pt_data, self.tokenizer)
         self.pt_data = PretrainDataset(cfg.pt_data, cfg.training.max_length + 1) if pt_kind else None
         checksums = cfg.checkpoint.checksums
         student, self.arch, self.meta = load_model(cfg.student, dtype=cfg.training.dtype, checksums=checksums)

@@ -61,7 +61,7 @@ def test_cli_and_its_errors(tmp_path):
     assert "teacher layers [1, 2]" in ok.stdout
     assert transformers.AutoConfig.from_pretrained(tmp_path / "s").num_hidden_layers == 2
     again = run_tool_in_workers(tool, "--hf", teacher, "--out", str(tmp_path / "s"), "--num-layers", "2")
-    assert again.returncode == 1 and "exists; pass --overwrite" in again.stderr
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
     bad = run_tool_in_workers(tool, "--hf", teacher, "--out", str(tmp_path / "t"), "--layers", "2", "7")
-    assert bad.returncode == 1 and "increasing indices in [0, 4)" in bad.stderr
+    assert bad.returncode == 2 and "increasing indices in [0, 4)" in bad.stderr
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()

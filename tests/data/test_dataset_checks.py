@@ -15,6 +15,7 @@ from megatron_minillm.data import (
     InstructionConfig,
     InstructionDataset,
     PreprocessConfig,
+    PretrainDataset,
     TokenizerMismatchError,
     check_dataset_matches,
     load_tokenizer,
@@ -216,3 +217,18 @@ def test_prompt_ids_outside_the_vocabulary_are_refused(tmp_path, ids, message):
         load_prompts(path, tok)
     assert str(err.value).startswith(f"{path}:2: ") and message.format(tok=tok.path) in str(err.value)
     assert load_prompts(_jsonl(tmp_path / "ok.jsonl", [{"input_ids": [1, 2, 599]}]), tok)[0].ids == [1, 2, 599]
+
+
+def test_empty_damaged_or_too_short_datasets_are_named(dataset, tmp_path):
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{dataset}{suffix}", tmp_path / f"damaged{suffix}")
+        (tmp_path / f"empty{suffix}").write_bytes(b"")
+    (tmp_path / "damaged.idx").write_bytes(b"MMIDIDX\x00\x00" + bytes(range(64)))
+    with pytest.raises(DatasetLayoutError, match="empty.bin is empty: the dataset holds no tokens"):
+        InstructionDataset(tmp_path / "empty")
+    with pytest.raises(DatasetLayoutError, match=r"damaged.idx / .bin are damaged"):
+        InstructionDataset(tmp_path / "damaged")
+    text = _jsonl(tmp_path / "t.jsonl", [{"text": "a short text"}])
+    preprocess_pretrain(PreprocessConfig([text], str(tmp_path / "pt"), str(hf_tokenizer_dir())))
+    with pytest.raises(DatasetLayoutError, match=r"pt_train holds \d+ tokens, fewer than one chunk of 4097"):
+        PretrainDataset(tmp_path / "pt_train", 4097)
