@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from megatron_minillm.sampling.params import SamplingParams
+from megatron_minillm.sampling.params import DEFAULT_SPECULATIVE_K, SamplingParams
 
 # The objectives of megatron_minillm.algorithms, by config name (a test checks the two agree).
 ALGORITHMS = {
@@ -137,6 +137,11 @@ class RolloutConfig:
     temperature: float = knob(1.0, "sampling temperature (also the temperature of MiniLLM's loss terms)")
     top_k: int = knob(0, "top-k warper; 0: off")
     top_p: float = knob(1.0, "top-p warper; 1: off")
+    speculative_k: int = knob(
+        DEFAULT_SPECULATIVE_K,
+        "with mix_alpha > 0: tokens the student drafts per teacher forward (exact speculative sampling "
+        "of the mixture, docs/sampling.md); 0: the teacher decodes token by token",
+    )
 
     def __post_init__(self) -> None:
         _at_least_one(self, "batch_size", "micro_batch_size")
@@ -154,6 +159,7 @@ class RolloutConfig:
             top_p=self.top_p,
             mix_alpha=self.mix_alpha if mix else 0.0,
             stop_ids=tuple(stop_ids),
+            speculative_k=self.speculative_k,
         )
 
 

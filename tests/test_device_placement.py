@@ -2,7 +2,7 @@
 the package creates for a training iteration, a rollout and an evaluation lands on the model's
 device, and every explicit host placement is marked as such.
 
-The guard is shown to catch a planted bug: ``device=device`` deleted from the sampler's token buffer
+The guard is shown to catch a planted bug: ``device=device`` deleted from the sampler's "done" flags
 (``sampling/generate.py``) fails the same rollout that passes unplanted.
 """
 
@@ -96,7 +96,7 @@ def _planted_rollout() -> dict[str, str]:
         "megatron_minillm.sampling.generate"
     )  # the package re-exports the function
     source = inspect.getsource(generate_module)
-    line = "tokens = torch.full((batch, width), pad_id, dtype=torch.long, device=device)"
+    line = "done = torch.zeros(batch, dtype=torch.bool, device=device)"
     assert line in source, "the planted line moved: update this test"
     outcome = {"as written": rollout(generate)}
     module = generate_module.__dict__
@@ -121,7 +121,7 @@ def _planted_rollout() -> dict[str, str]:
 def test_the_guard_catches_a_planted_misplacement():
     [outcome] = run_distributed(_planted_rollout, 1)
     assert outcome["as written"] == "passed", outcome
-    assert "__setitem__ meets a tensor created without a device" in outcome["planted"], outcome
+    assert "meets a tensor created without a device" in outcome["planted"], outcome
     assert "all_reduce got a tensor on meta" in outcome["collective"], outcome
 
 

@@ -32,6 +32,7 @@ from megatron_minillm.models import load_architecture
 from megatron_minillm.parallel import destroy_distributed, init_distributed
 from megatron_minillm.paths import check_output_path
 from megatron_minillm.sampling import GenerationError, SamplingParams, generate_all
+from megatron_minillm.sampling.params import DEFAULT_SPECULATIVE_K
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,6 +40,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--load", required=True, help="checkpoint of the model that generates (the student)")
     parser.add_argument("--teacher", help="teacher checkpoint for teacher-mixed sampling")
     parser.add_argument("--mix-alpha", type=float, default=0.0, help="teacher weight alpha of alpha*p + (1-alpha)*q")
+    parser.add_argument(
+        "--speculative-k",
+        type=int,
+        default=DEFAULT_SPECULATIVE_K,
+        help="with --teacher: tokens the student drafts per teacher forward (exact; 0: token by token)",
+    )
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--prompts", required=True, help="jsonl or json file")
@@ -71,6 +78,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
             top_p=args.top_p,
             no_repeat_ngram_size=args.no_repeat_ngram_size,
             mix_alpha=args.mix_alpha,
+            speculative_k=args.speculative_k,
         )
     except ValueError as err:
         hint = "; --greedy decodes without sampling" if str(err).startswith("temperature") else ""

@@ -27,76 +27,8 @@ from megatron_minillm.sampling.kv_cache import KVCacheDecoder
 from megatron_minillm.sampling.noise import sample_seeds
 from megatron_minillm.sampling.params import SamplingParams
 from megatron_minillm.sampling.processors import NoRepeatNGram, draw, mix, processed_log_probs
-
-
-class GenerationError(ValueError):
-    """Inputs generation cannot run on (too long a prompt, mismatched teacher, empty batch)."""
-
-
-@dataclass
-class Rollout:
-    """Generated responses, right-padded to the longest; the prompt is not repeated in ``tokens``.
-
-    Log-probabilities are those of the processed distributions tokens were drawn from (bans,
-    temperature, top-k, top-p applied): ``log_q`` of the student, ``log_p`` of the teacher (None
-    without one), ``log_mix`` of the mixture (= ``log_q`` without mixing). They are 0 where
-    ``mask`` is 0. The importance weight of MiniLLM is ``exp(log_q - log_mix)``.
-    """
-
-    prompts: list[list[int]]
-    tokens: Tensor  # [b, T] int64, ``pad_id`` after a sequence ended
-    mask: Tensor  # [b, T] bool: generated tokens, the stop token included
-    log_q: Tensor  # [b, T] float32
-    log_p: Tensor | None
-    log_mix: Tensor
-
-    def responses(self) -> list[list[int]]:
-        return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
-
-
-def _check_inputs(
-    prompts: Sequence[Sequence[int]],
-    seeds: Tensor,
-    params: SamplingParams,
-    models: list[KVCacheDecoder],
-    vocab_size: int,
-) -> None:
-    if not prompts:
-        raise GenerationError("no prompts to generate from")
-    if any(len(p) == 0 for p in prompts):
-        raise GenerationError(f"prompt {next(i for i, p in enumerate(prompts) if len(p) == 0)} is empty")
-    if seeds.shape != (len(prompts),):
-        raise GenerationError(f"need one seed per prompt: {len(prompts)} prompts, seeds of shape {tuple(seeds.shape)}")
-    for name, dec in zip(("student", "teacher"), models):
-        limit = dec.model.max_sequence_length
-        for i, p in enumerate(prompts):
-            if len(p) + params.max_new_tokens > limit:
-                raise GenerationError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} that is "
-                    f"{len(p) + params.max_new_tokens} > the {name}'s context of {limit} positions"
-                )
-        if vocab_size > dec.model.vocab_size:
-            raise GenerationError(f"vocab_size {vocab_size} > the {name}'s (padded) vocabulary {dec.model.vocab_size}")
-        bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    if len(models) == 2 and models[0].model.vocab_size != models[1].model.vocab_size:
-        raise GenerationError(
-            f"student and teacher pad the vocabulary differently ({models[0].model.vocab_size} vs "
-            f"{models[1].model.vocab_size}); convert both with the same --make-vocab-size-divisible-by"
-        )
-    if len(models) == 2 and any(
-        _ranks(models[0], name) != _ranks(models[1], name) for name in ("tp_group", "pp_group")
-    ):
-        raise GenerationError(
-            "the teacher is built on another TP x PP layout than the student; sampling draws each token "
-            "from both models' vocabulary slices on the same ranks, so both need the same TP and PP groups"
-        )
-
-
-def _ranks(decoder: KVCacheDecoder, name: str) -> list[int]:
-    """The global ranks of one of a decoder's process groups."""
-    return dist.get_process_group_ranks(getattr(decoder, name))
+from megatron_minillm.sampling.rollout import GenerationError, Rollout, check_inputs, finish, prefill
+from megatron_minillm.sampling.speculative import speculative_generate
 
 
 @torch.no_grad()
@@ -122,10 +54,9 @@ def generate(
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
+    run = speculative_generate if params.speculative_k and teacher is not None else _generate
     try:
-        return _generate(
-            modules, [list(map(int, p)) for p in prompts], params, seeds.to(torch.int64), vocab_size, pad_id
-        )
+        return run(modules, [list(map(int, p)) for p in prompts], params, seeds.to(torch.int64), vocab_size, pad_id)
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
@@ -141,23 +72,14 @@ def _generate(
 ) -> Rollout:
     batch, width = len(prompts), max(map(len, prompts), default=0)
     decoders = [KVCacheDecoder(m, batch, width + params.max_new_tokens) for m in modules]
-    _check_inputs(prompts, seeds, params, decoders, vocab_size)
+    check_inputs(prompts, seeds, params, decoders, vocab_size)
     student = decoders[0]
     is_last, tp_group, pp_group, device = student.is_last, student.tp_group, student.pp_group, student.device
     pipelined = dist.get_world_size(pp_group) > 1
     stop_ids = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
     seeds = seeds.to(device)
 
-    # Left-padded prompts: positions count real tokens only, so every sample sees the same inputs
-    # as it would alone (up to the rotary phase, which attention does not see).
-    tokens = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p) :] = torch.tensor(p, device=device)
-        valid[i, width - len(p) :] = True
-    positions = (valid.cumsum(1) - 1).clamp(min=0)
-    next_position = positions[:, -1] + 1
-    logits = [d.forward(tokens, positions, valid) for d in decoders]
+    logits, next_position = prefill(decoders, prompts, pad_id)
 
     ngrams = NoRepeatNGram(params.no_repeat_ngram_size, prompts) if params.no_repeat_ngram_size and is_last else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -187,22 +109,8 @@ def _generate(
         fed = torch.ones(batch, 1, dtype=torch.bool, device=device)  # finished rows feed padding that nobody reads
         logits = [d.forward(ids[:, None], next_position[:, None] + step, fed) for d in decoders]
 
-    mask = torch.stack(out_mask, dim=1)
-    num_logps = len(decoders) + 1
     logps = torch.stack(out_logps, dim=-1) if is_last else None  # [num_logps, b, T]
-    if pipelined:
-        logps = comm.broadcast_from_last_pipeline_stage(
-            [num_logps, batch, mask.shape[1]], torch.float32, logps, pp_group=pp_group
-        )
-    logps = torch.where(mask, logps, torch.zeros_like(logps))
-    return Rollout(
-        prompts=prompts,
-        tokens=torch.stack(out_tokens, dim=1),
-        mask=mask,
-        log_q=logps[0],
-        log_p=logps[1] if len(decoders) == 2 else None,
-        log_mix=logps[-1],
-    )
+    return finish(decoders, prompts, torch.stack(out_tokens, dim=1), torch.stack(out_mask, dim=1), logps)
 
 
 @dataclass

@@ -43,9 +43,14 @@ class KVCacheDecoder:
         # Cache positions that hold real tokens [b, k].
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
 
-    def forward(self, tokens: Tensor, position_ids: Tensor, valid: Tensor) -> Tensor | None:
-        """Append ``tokens`` [b, s] (``valid`` [b, s]: False at padding) to the cache."""
+    def forward(
+        self, tokens: Tensor, position_ids: Tensor, valid: Tensor, every_position: bool = False
+    ) -> Tensor | None:
+        """Append ``tokens`` [b, s] (``valid`` [b, s]: False at padding) to the cache; the logits of
+        the newest position [b, V/TP], or of every new position [b, s, V/TP] (``every_position``)."""
         batch, new = tokens.shape
+        if self.context.sequence_len_offset + new > self.context.max_sequence_length:
+            self.compact()
         self.valid = torch.cat((self.valid, valid), dim=1)
         keys = self.valid.shape[1]
         causal = torch.ones(new, keys, dtype=torch.bool, device=self.device).tril(keys - new)
@@ -60,4 +65,32 @@ class KVCacheDecoder:
         if not self.is_last:
             comm.send_to_next_pipeline_rank(out.contiguous(), pp_group=self.pp_group)
             return None
+        if every_position:
+            return output_logits(self.model, out).transpose(0, 1)  # [s, b, V/TP] -> [b, s, V/TP]
         return output_logits(self.model, out[-1:])[0]
+
+    def drop(self, keep: Tensor) -> None:
+        """Remove the newest ``keep.shape[1]`` cache positions where ``keep`` [b, n] is False (drafts
+        the verifier rejected), by :meth:`compact`."""
+        self.valid[:, -keep.shape[1] :] &= keep
+        if not bool(keep.all()):
+            self.compact()
+
+    def compact(self) -> None:
+        """Move each row's visible positions to the end of the cache, in order, hidden ones before
+        them (as left padding), and shorten the cache to the longest row.
+
+        megatron's static cache keeps keys unrotated and rotates them by cache slot at every forward:
+        a row's visible keys must be contiguous and end at the newest slot, or rotary attention would
+        see hidden positions in the distances. The same on every stage (same ``valid``).
+        """
+        counts = self.valid.sum(1)
+        length = int(counts.max())
+        # Hidden positions first, visible ones last and in order: a stable sort of "visible".
+        order = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, -length:]  # [b, length]
+        for key, value in self.context.key_value_memory_dict.values():  # [max_len, b, heads, dim] each
+            index = order.t()[:, :, None, None].expand(-1, -1, *key.shape[2:])
+            for memory in (key, value):
+                memory[:length] = memory.gather(0, index)
+        self.valid = torch.arange(length, device=self.device)[None, :] >= (length - counts)[:, None]
+        self.context.sequence_len_offset = length

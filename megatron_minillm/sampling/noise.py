@@ -35,23 +35,40 @@ def _int32(values: Tensor) -> Tensor:
     return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
 
 
-def _row_keys(seeds: Tensor, step: int) -> Tensor:
-    """One int32 key [b] per (sample seed, step)."""
+# Independent streams of one (sample, step): the token draw, and speculative sampling's extras.
+DRAW, ACCEPT, RESIDUAL = 0, 1, 2
+
+
+def _row_keys(seeds: Tensor, step: int | Tensor, stream: int = DRAW) -> Tensor:
+    """One int32 key [b] per (sample seed, step, stream); ``step`` is one int or one per row [b]."""
     seeds = seeds.to(torch.int64)
     key = _mix32(_int32(seeds >> 32)) ^ _int32(seeds)
-    return _mix32(_mix32(key) ^ _int32(torch.tensor(step * _GOLDEN + 1, device=key.device)))
+    step = torch.as_tensor(step, dtype=torch.int64, device=key.device)
+    key = _mix32(_mix32(key) ^ _int32(step * _GOLDEN + 1))
+    return key if stream == DRAW else _mix32(key ^ _int32(torch.tensor(stream * _M1, device=key.device)))
 
 
-def gumbel(seeds: Tensor, step: int, token_ids: Tensor) -> Tensor:
-    """Standard Gumbel noise [b, n] (float32) for ``seeds`` [b] at ``step`` and ``token_ids`` [n].
+def _unit(h: Tensor) -> Tensor:
+    """int32 hashes -> float32 in (0, 1): w = (h + 1/2) / 2^32."""
+    h = h.float()
+    return (torch.where(h < 0, h + 4294967296.0, h) + 0.5).mul_(1.0 / 4294967296.0)
+
+
+def gumbel(seeds: Tensor, step: int | Tensor, token_ids: Tensor, stream: int = DRAW) -> Tensor:
+    """Standard Gumbel noise [b, n] (float32) for ``seeds`` [b] at ``step`` (one, or [b]) and
+    ``token_ids`` [n].
 
     argmax(log p + noise) is then a draw from p (the Gumbel-max trick). From a 32-bit hash h,
     w = (h + 1/2) / 2^32 and noise = -log(-log1p(-w)): float32 keeps w's relative precision near 0,
     so the upper tail, which decides the argmax, reaches w = 2^-33 (noise up to 22.9).
     """
-    h = _mix32(_row_keys(seeds, step)[:, None] ^ _mix32(token_ids.to(torch.int32))[None, :]).float()
-    w = (torch.where(h < 0, h + 4294967296.0, h) + 0.5).mul_(1.0 / 4294967296.0)
-    return w.neg_().log1p_().neg_().log_().neg_()
+    h = _mix32(_row_keys(seeds, step, stream)[:, None] ^ _mix32(token_ids.to(torch.int32))[None, :])
+    return _unit(h).neg_().log1p_().neg_().log_().neg_()
+
+
+def uniform(seeds: Tensor, step: Tensor, stream: int) -> Tensor:
+    """One uniform draw in (0, 1) [b] (float32) per sample seed [b] and step [b] on ``stream``."""
+    return _unit(_row_keys(seeds, step, stream))
 
 
 def sample_seeds(seed: int, sample_ids: Tensor) -> Tensor:

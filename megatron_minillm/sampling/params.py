@@ -3,6 +3,10 @@
 import math
 from dataclasses import dataclass
 
+# The drafts per teacher forward of the trainer's and tools/generate.py's speculative sampling, from
+# benchmarks/bench_sampler.py (SamplingParams itself defaults to 0, the token-by-token sampler).
+DEFAULT_SPECULATIVE_K = 4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -22,6 +26,9 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0  # 0: off; the paper's evaluation uses 6
     mix_alpha: float = 0.0  # teacher weight alpha of p~ = alpha * p + (1 - alpha) * q
     stop_ids: tuple[int, ...] = ()  # end a sequence (EOS and any other stop token); the stop token is kept
+    # With a teacher: the student drafts this many tokens per teacher forward, accepted or corrected
+    # so that tokens follow the mixture exactly (speculative sampling); 0: the teacher decodes token by token.
+    speculative_k: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,4 +47,6 @@ class SamplingParams:
             raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
         if not 0 <= self.mix_alpha <= 1:
             raise ValueError(f"mix_alpha must be in [0, 1], got {self.mix_alpha}")
+        if self.speculative_k < 0:
+            raise ValueError(f"speculative_k must be >= 0 (0 = off), got {self.speculative_k}")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from megatron_minillm.parallel.vocab import local_columns, log_softmax, mask_padded_vocab, vocab_slice
 from megatron_minillm.sampling import vocab_parallel as vp
-from megatron_minillm.sampling.noise import gumbel
+from megatron_minillm.sampling.noise import DRAW, gumbel
 from megatron_minillm.sampling.params import SamplingParams
 
 
@@ -36,17 +36,36 @@ class NoRepeatNGram:
                 table[tuple(seq[end - n : end - 1])].add(seq[end - 1])
 
     def append(self, tokens: Sequence[int]) -> None:
-        for seq, table, token in zip(self.sequences, self.tables, tokens):
-            seq.append(int(token))
-            if len(seq) >= self.n:
-                table[tuple(seq[len(seq) - self.n : -1])].add(seq[-1])
+        """One more token per sample."""
+        self.extend([[token] for token in tokens])
+
+    def extend(self, tokens: Sequence[Sequence[int]]) -> None:
+        """Any number of tokens per sample (``tokens[i]`` for sample i)."""
+        for seq, table, new in zip(self.sequences, self.tables, tokens):
+            for token in new:
+                seq.append(int(token))
+                if len(seq) >= self.n:
+                    table[tuple(seq[len(seq) - self.n : -1])].add(seq[-1])
 
     def banned(self) -> list[list[int]]:
-        prefix = self.n - 1
-        return [
-            sorted(table.get(tuple(seq[len(seq) - prefix :]) if prefix else (), ())) if len(seq) >= prefix else []
-            for seq, table in zip(self.sequences, self.tables)
-        ]
+        return self.banned_after([])
+
+    def banned_after(self, drafts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """:meth:`banned` as if each sequence went on with ``drafts`` (``drafts[j][i]``: the j-th
+        draft of sample i), without adding them: the n-grams they form are checked on the side."""
+        prefix, out = self.n - 1, []
+        for i, (seq, table) in enumerate(zip(self.sequences, self.tables)):
+            full = seq + [int(d[i]) for d in drafts]
+            if len(full) < prefix:
+                out.append([])
+                continue
+            key = tuple(full[len(full) - prefix :]) if prefix else ()
+            found = set(table.get(key, ()))
+            for end in range(max(len(seq) + 1, self.n), len(full) + 1):  # n-grams ending in a draft
+                if tuple(full[end - self.n : end - 1]) == key:
+                    found.add(full[end - 1])
+            out.append(sorted(found))
+        return out
 
 
 def ban(logits: Tensor, banned: Sequence[Sequence[int]], tp_group: dist.ProcessGroup | None = None) -> Tensor:
@@ -92,11 +111,17 @@ def mix(log_q: Tensor, log_p: Tensor | None, alpha: float) -> Tensor:
 
 
 def draw(
-    log_probs: Tensor, seeds: Tensor, step: int, greedy: bool, tp_group: dist.ProcessGroup | None = None
+    log_probs: Tensor,
+    seeds: Tensor,
+    step: int | Tensor,
+    greedy: bool,
+    tp_group: dist.ProcessGroup | None = None,
+    stream: int = DRAW,
 ) -> Tensor:
-    """Token ids [b]: the argmax (greedy) or a Gumbel-max sample keyed by (seed, step, token id)."""
+    """Token ids [b]: the argmax (greedy) or a Gumbel-max sample keyed by (seed, step, token id) on
+    noise ``stream``; ``step`` is one int or one per row [b]. Unnormalised log-probabilities do."""
     if greedy:
         return vp.argmax(log_probs, tp_group)
     start, _ = vocab_slice(log_probs.shape[-1], tp_group=tp_group)
     ids = torch.arange(start, start + log_probs.shape[-1], device=log_probs.device)
-    return vp.argmax(gumbel(seeds, step, ids).add_(log_probs), tp_group)
+    return vp.argmax(gumbel(seeds, step, ids, stream).add_(log_probs), tp_group)

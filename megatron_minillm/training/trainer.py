@@ -356,7 +356,7 @@ class Trainer:
         self._score(kind, samples)
         if self.is_last_stage:
             objective.prepare_samples(samples)
-        self.sample_stats = self._sample_stats(samples, responses)
+        self.sample_stats = self._sample_stats(samples, responses) | self._speculation_stats(rollouts)
         self.timers.add("score", start)
 
         # Each epoch visits the steps in a new order (LMOps reshuffles the buffer; keeping the sets
@@ -419,6 +419,21 @@ class Trainer:
         out = {name: value / max(tokens, 1.0) for name, value in zip(sums, values)}
         out["response length"] = length / max(count, 1.0)
         return out
+
+    def _speculation_stats(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """Speculative sampling's draft acceptance rate and tokens per teacher forward over all DP
+        ranks; nothing when the rollouts were sampled token by token."""
+        if not rollouts or rollouts[0].speculation is None:
+            return {}
+        fields = ("drafted", "accepted", "kept", "row_rounds")
+        counts = [sum(getattr(r.speculation, f) for r in rollouts) for f in fields]
+        totals = torch.tensor(counts, dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals, group=self.dp_group)
+        drafted, accepted, kept, row_rounds = totals.tolist()
+        return {
+            "draft acceptance": accepted / max(drafted, 1.0),
+            "tokens per teacher forward": kept / max(row_rounds, 1.0),
+        }
 
     def iteration(self, iteration: int) -> dict[str, float]:
         """Run one iteration; return its metrics averaged over micro-batches and DP ranks (last stage)."""

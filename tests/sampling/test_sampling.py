@@ -19,6 +19,7 @@ WORLD = 4
 PROMPT_LENGTHS = [5, 1, 9, 3, 7, 2]
 STOP_IDS = tuple(range(0, VOCAB, 10))  # frequent enough that some samples stop early
 MAX_NEW = 8
+SPEC_TOKENS = 3  # the speculative sampler's exactness test: distributions of 3-token continuations
 
 
 def _peaked(family: str, seed: int = 0) -> tf.PreTrainedModel:
@@ -49,6 +50,20 @@ def _modes():
             stop_ids=STOP_IDS,
         ),
         "mixed": SamplingParams(max_new_tokens=MAX_NEW, mix_alpha=0.3, top_p=0.95, stop_ids=STOP_IDS),
+        # Speculative: the student drafts 3 tokens per teacher forward; every processor applies.
+        "speculative": SamplingParams(
+            max_new_tokens=MAX_NEW,
+            min_new_tokens=2,
+            mix_alpha=0.3,
+            top_p=0.95,
+            no_repeat_ngram_size=2,
+            stop_ids=STOP_IDS,
+            speculative_k=3,
+        ),
+        "greedy_mixed": SamplingParams(max_new_tokens=MAX_NEW, greedy=True, mix_alpha=0.3, stop_ids=STOP_IDS),
+        "greedy_speculative": SamplingParams(
+            max_new_tokens=MAX_NEW, greedy=True, mix_alpha=0.3, stop_ids=STOP_IDS, speculative_k=2
+        ),
     }
 
 
@@ -171,7 +186,12 @@ def test_generation_matches_transformers_and_is_layout_invariant(generated, pair
         )
         assert first["greedy"][i][0] == hf_out[0, len(prompt) :].tolist(), f"greedy tokens of prompt {i}"
 
-        for mode in ("sampled", "mixed"):
+        # Speculative greedy decoding keeps a draft exactly when it is the mixture's argmax: k = 0's tokens.
+        assert first["greedy_speculative"][i][0] == first["greedy_mixed"][i][0], f"greedy speculative, prompt {i}"
+        spec, plain = (torch.tensor(first[m][i][2]) for m in ("greedy_speculative", "greedy_mixed"))
+        torch.testing.assert_close(spec, plain, atol=1e-5, rtol=0)
+
+        for mode in ("sampled", "mixed", "speculative"):
             params = modes[mode]
             response, _, logps, _, _ = first[mode][i]
             n = len(response)
@@ -183,7 +203,7 @@ def test_generation_matches_transformers_and_is_layout_invariant(generated, pair
             steps = torch.arange(n)
             log_q = _reference_log_probs(student_hf, params, prompt, response)[steps, response]
             torch.testing.assert_close(torch.tensor(logps[0], dtype=torch.float64), log_q, atol=1e-4, rtol=1e-4)
-            if mode == "mixed":
+            if params.mix_alpha:
                 log_p = _reference_log_probs(teacher_hf, params, prompt, response)[steps, response]
                 a = params.mix_alpha
                 log_mix = torch.logaddexp(log_p + math.log(a), log_q + math.log(1 - a))
@@ -236,7 +256,7 @@ def _processors_and_mixture(num_samples: int) -> dict:
         dict(top_k=1),
     ]
     student_hf, teacher_hf = _tiny_vocab_pair(8)
-    out = {"processed": {}, "mixture": {}}
+    out = {"processed": {}, "mixture": {}, "speculative": {}}
     for tp in (4, 2, 1):
         init_distributed(tp=tp, pp=1)
         shard = 256 // tp
@@ -261,19 +281,40 @@ def _processors_and_mixture(num_samples: int) -> dict:
                 if alpha == 0.0:  # pure student sampling draws exactly what sampling without a teacher draws
                     alone = generate(student, [[1, 2, 3]] * len(ids), params, sample_seeds(11, ids), vocab_size=8)
                     assert torch.equal(alone.tokens, r.tokens) and torch.equal(alone.log_q, r.log_q)
-                parts = [None] * dp
-                dist.all_gather_object(parts, (ids, row), group=parallel_state.get_data_parallel_group())
-                out["mixture"][(tp, alpha)] = torch.cat([p[1] for p in parts], 1)[
-                    :, torch.cat([p[0] for p in parts]).argsort()
-                ]
+                # Three tokens, speculative with 2 drafts per round: rejections, corrections and bonus tokens.
+                spec = SamplingParams(max_new_tokens=SPEC_TOKENS, mix_alpha=alpha, speculative_k=2)
+                r = generate(
+                    student, [[1, 2, 3]] * len(ids), spec, sample_seeds(13, ids), vocab_size=8, teacher=teacher
+                )
+                spec_row = torch.cat([r.tokens.double().t(), r.log_q.t(), r.log_p.t(), r.log_mix.t()])  # [4 * 3, n]
+                for name, value in (("mixture", row), ("speculative", spec_row)):
+                    parts = [None] * dp
+                    dist.all_gather_object(parts, (ids, value), group=parallel_state.get_data_parallel_group())
+                    out[name][(tp, alpha)] = torch.cat([p[1] for p in parts], 1)[
+                        :, torch.cat([p[0] for p in parts]).argsort()
+                    ]
         parallel_state.destroy_model_parallel()
     return out
 
 
 def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test; cells expected fewer than 5 times are pooled into one (the usual rule)."""
     expected = probs * counts.sum()
+    small = expected < 5
+    if small.any():
+        counts = torch.cat([counts[~small], counts[small].sum()[None]])
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
     stat = ((counts - expected) ** 2 / expected).sum()
     return float(torch.special.gammaincc(torch.tensor((len(counts) - 1) / 2.0), stat / 2))
+
+
+def _sequence_log_probs(hf: tf.PreTrainedModel, prompt: list[int], vocab: int, length: int) -> torch.Tensor:
+    """log q(y_t | prompt, y_<t) [vocab ** length, length] for every continuation y (row-major order)."""
+    ys = torch.cartesian_prod(*[torch.arange(vocab)] * length).reshape(-1, length)
+    ids = torch.cat([torch.tensor(prompt).expand(len(ys), -1), ys], dim=1)
+    with torch.no_grad():
+        logits = hf(ids).logits[:, len(prompt) - 1 : -1].double()
+    return logits.log_softmax(-1).gather(-1, ys[:, :, None])[..., 0]
 
 
 def test_processors_match_transformers_and_mixture_frequencies_match_alpha_p_plus_1_minus_alpha_q():
@@ -336,6 +377,26 @@ def test_processors_match_transformers_and_mixture_frequencies_match_alpha_p_plu
         torch.testing.assert_close(log_q, q.log()[tokens], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(log_p, p.log()[tokens], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(log_mix, mixture.log()[tokens], atol=1e-5, rtol=1e-5)
+
+    # (c) speculative sampling: 3-token continuations follow the exact sequence distribution of the
+    # mixture (pure p and pure q rejected), at TP 4 as at TP 1, each token's log-probs those of a full forward.
+    seq_q, seq_p = (_sequence_log_probs(m, [1, 2, 3], 8, SPEC_TOKENS) for m in (student_hf, teacher_hf))
+    torch.testing.assert_close(out["speculative"][(4, 0.3)][:SPEC_TOKENS], out["speculative"][(1, 0.3)][:SPEC_TOKENS])
+    weights = 8 ** torch.arange(SPEC_TOKENS - 1, -1, -1)
+    for alpha in (0.0, 0.3, 1.0):
+        tokens, log_q, log_p, log_mix = out["speculative"][(4, alpha)].reshape(4, SPEC_TOKENS, -1).transpose(1, 2)
+        cells = (tokens.long() * weights).sum(-1)
+        counts = torch.bincount(cells, minlength=8**SPEC_TOKENS).double()
+        seq_mix = {0.0: seq_q, 1.0: seq_p}.get(alpha)
+        if seq_mix is None:
+            seq_mix = torch.logaddexp(seq_p + math.log(alpha), seq_q + math.log1p(-alpha))
+        exact = seq_mix.sum(-1).exp()
+        assert _chi_square_p_value(counts, exact) > 1e-3, f"speculative, alpha={alpha}"
+        for other in (seq_p, seq_q):
+            if (other.sum(-1).exp() - exact).abs().sum() > 0.1:
+                assert _chi_square_p_value(counts, other.sum(-1).exp()) < 1e-6, f"alpha={alpha}: no power"
+        for got, ref in ((log_q, seq_q), (log_p, seq_p), (log_mix, seq_mix)):
+            torch.testing.assert_close(got, ref[cells], atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_params_reject_bad_values():
