@@ -142,6 +142,11 @@ class RolloutConfig:
         "with mix_alpha > 0: tokens the student drafts per teacher forward (exact speculative sampling "
         "of the mixture, docs/sampling.md); 0: the teacher decodes token by token",
     )
+    reuse_teacher_logits: bool = knob(
+        True,
+        "keep the logits the teacher computed while checking drafts (speculative_k > 0) instead of "
+        "scoring the rollouts with another teacher forward; false: score them again",
+    )
 
     def __post_init__(self) -> None:
         _at_least_one(self, "batch_size", "micro_batch_size")

@@ -41,12 +41,15 @@ def generate(
     vocab_size: int,
     teacher: torch.nn.Module | None = None,
     pad_id: int = 0,
+    teacher_logits_dtype: torch.dtype | None = None,
 ) -> Rollout:
     """Sample up to ``params.max_new_tokens`` tokens after each prompt (lists of token ids).
 
     ``seeds`` [b] are per-sample seeds (see :func:`noise.sample_seeds`): a sample's tokens depend
     only on its prompt, its seed and the models, not on the layout or the rest of the batch.
     ``vocab_size`` is the true vocabulary size; ids at or above it (vocabulary padding) are never drawn.
+    ``teacher_logits_dtype``: the speculative sampler keeps the teacher's logits of every response
+    position in this dtype (``Rollout.teacher_logits``), which spares the trainer a scoring forward.
     """
     if params.mix_alpha > 0 and teacher is None:
         raise GenerationError(f"mix_alpha={params.mix_alpha} needs a teacher")
@@ -54,9 +57,11 @@ def generate(
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
-    run = speculative_generate if params.speculative_k and teacher is not None else _generate
+    args = ([list(map(int, p)) for p in prompts], params, seeds.to(torch.int64), vocab_size, pad_id)
     try:
-        return run(modules, [list(map(int, p)) for p in prompts], params, seeds.to(torch.int64), vocab_size, pad_id)
+        if params.speculative_k and teacher is not None:
+            return speculative_generate(modules, *args, teacher_logits_dtype=teacher_logits_dtype)
+        return _generate(modules, *args)
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)

@@ -53,6 +53,10 @@ class Rollout:
     log_p: Tensor | None
     log_mix: Tensor
     speculation: SpeculationStats | None = None  # the speculative sampler's counts
+    # Kept by the speculative sampler when asked (last pipeline stage; None elsewhere): the teacher's
+    # raw logits [b, T, V/TP] at each response position and log p(token) [b, T] at temperature 1.
+    teacher_logits: Tensor | None = None
+    teacher_log_p: Tensor | None = None
 
     def responses(self) -> list[list[int]]:
         return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core.inference import communication_utils as comm
 from torch import Tensor
 
-from megatron_minillm.parallel.vocab import gather_ids, tp_all_reduce
+from megatron_minillm.parallel.vocab import gather_ids, log_softmax, mask_padded_vocab, tp_all_reduce
 from megatron_minillm.sampling import vocab_parallel as vp
 from megatron_minillm.sampling.kv_cache import KVCacheDecoder
 from megatron_minillm.sampling.noise import ACCEPT, DRAW, RESIDUAL, uniform
@@ -38,6 +38,7 @@ def speculative_generate(
     seeds: Tensor,
     vocab_size: int,
     pad_id: int,
+    teacher_logits_dtype: torch.dtype | None = None,
 ) -> Rollout:
     """:func:`generate.generate` with a teacher and ``params.speculative_k`` > 0 (same contract)."""
     k = params.speculative_k
@@ -58,6 +59,11 @@ def speculative_generate(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out_tokens = torch.full((batch, params.max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logps = torch.zeros(3, batch, params.max_new_tokens, device=device) if is_last else None
+    keep_teacher = is_last and teacher_logits_dtype is not None
+    if keep_teacher:
+        shard = teacher.model.vocab_size // dist.get_world_size(tp_group)
+        out_teacher = torch.zeros(batch, params.max_new_tokens, shard, dtype=teacher_logits_dtype, device=device)
+        out_teacher_log_p = torch.zeros(batch, params.max_new_tokens, device=device)
     stats, pending = SpeculationStats(), None
 
     def banned(step: Tensor, extra: list[Tensor]) -> list[list[int]]:
@@ -118,6 +124,10 @@ def speculative_generate(
         if is_last:
             round_logps = _round_logps(log_q, log_p, params.mix_alpha, candidates, tp_group)
             out_logps[:, rows[:, None].expand_as(keep)[keep], index[keep]] = round_logps[:, keep]
+            if keep_teacher:
+                out_teacher[rows[:, None].expand_as(keep)[keep], index[keep]] = p_all[keep].to(teacher_logits_dtype)
+                raw = [raw_log_probs(p_all[:, j], candidates[:, j], vocab_size, tp_group) for j in range(k + 1)]
+                out_teacher_log_p[rows[:, None].expand_as(keep)[keep], index[keep]] = torch.stack(raw, 1)[keep]
             if ngrams:
                 ngrams.extend([c[m].tolist() for c, m in zip(candidates, keep)])
         live = live[:, 0]
@@ -141,7 +151,14 @@ def speculative_generate(
         out_logps[:, :, :length].contiguous() if is_last else None,
     )
     rollout.speculation = stats
+    if keep_teacher:
+        rollout.teacher_logits, rollout.teacher_log_p = out_teacher[:, :length], out_teacher_log_p[:, :length] * mask
     return rollout
+
+
+def raw_log_probs(logits: Tensor, ids: Tensor, vocab_size: int, tp_group: dist.ProcessGroup | None) -> Tensor:
+    """log p(ids) [b] of the unprocessed distribution (temperature 1, no bans; what rewards read)."""
+    return gather_ids(log_softmax(mask_padded_vocab(logits.float(), vocab_size, tp_group), tp_group), ids, tp_group)
 
 
 def _decide(

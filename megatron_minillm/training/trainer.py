@@ -287,6 +287,31 @@ class Trainer:
         for batch, (logits, log_p) in zip(batches, forward_outputs(self.teacher, batches, outputs)):
             batch.teacher_logits, batch.teacher_log_p = logits, log_p
 
+    def _teacher_logits_dtype(self) -> torch.dtype | None:
+        """The dtype speculative rollouts keep the teacher's logits in; None: they keep none."""
+        reuse = self.cfg.rollout.reuse_teacher_logits and self.objective.main_kind.needs_teacher
+        return DTYPES[self.cfg.training.teacher_cache_dtype] if reuse else None
+
+    def _teacher_from_rollouts(self, kind: BatchKind, batches: list[MicroBatch], rollouts: list[Rollout]) -> None:
+        """What :meth:`_score` would compute, taken from speculative rollouts (last stage): the
+        logits at each response position in the layout of the loss, and log p of each token."""
+        if not self.is_last_stage:
+            return
+        per_sample = [
+            (r.teacher_logits[i, :n], r.teacher_log_p[i, :n])
+            for r in rollouts
+            for i, n in enumerate(r.mask.sum(1).tolist())  # host-side: the row lengths, to slice with
+        ]
+        for batch in batches:
+            rows, per_sample = per_sample[: len(batch.tokens)], per_sample[len(batch.tokens) :]
+            counts = batch.loss_mask.sum(1).long().tolist()  # host-side: each row's response length
+            if kind.teacher_logits:  # [1, n, V/TP] at the logit positions: each row's responses in order
+                batch.teacher_logits = torch.cat([logits[:n] for (logits, _), n in zip(rows, counts)])[None]
+            if kind.teacher_log_p:
+                log_p = torch.zeros_like(batch.loss_mask)
+                log_p[batch.loss_mask.bool()] = torch.cat([lp[:n] for (_, lp), n in zip(rows, counts)])
+                batch.teacher_log_p = log_p
+
     def _train_step(self, batches: list[MicroBatch], iteration: int) -> list[dict]:
         token_normalize(batches, self.dp, self.dp_group)
         metrics, _ = train_step(
@@ -323,6 +348,7 @@ class Trainer:
                     vocab_size=self.arch.vocab_size,
                     teacher=teacher,
                     pad_id=self.tokenizer.pad_id,
+                    teacher_logits_dtype=self._teacher_logits_dtype(),
                 )
             )
         return prompts, rollouts
@@ -353,7 +379,10 @@ class Trainer:
             for i in range(0, len(prompts), local)
         ]
         samples = [b for step in steps for b in step]
-        self._score(kind, samples)
+        if self._teacher_logits_dtype() and rollouts[0].speculation:  # the teacher scored every position
+            self._teacher_from_rollouts(kind, samples, rollouts)
+        else:
+            self._score(kind, samples)
         if self.is_last_stage:
             objective.prepare_samples(samples)
         self.sample_stats = self._sample_stats(samples, responses) | self._speculation_stats(rollouts)

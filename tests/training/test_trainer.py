@@ -48,22 +48,35 @@ def _iterations(stdout: str) -> list[dict[str, float]]:
     return rows
 
 
+MINILLM_TERMS = ("pg loss", "single-step loss", "pt lm loss", "pt kd loss", "reward", "rkl to teacher")
+
+
 def test_minillm_at_tp2_pp2_dp2_equals_one_process(tiny_pair):
+    """Speculative rollouts (the default) at TP2 x PP2 x DP2 and in one process; in one process also
+    with the rollouts scored by a separate teacher forward instead of keeping the sampler's logits."""
     runs = {}
-    for nproc, tp, pp in ((8, 2, 2), (1, 1, 1)):
+    for name, nproc, tp, pp, reuse in (
+        ("tp2", 8, 2, 2, "true"),
+        ("tp1", 1, 1, 1, "true"),
+        ("scored", 1, 1, 1, "false"),
+    ):
+        overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"rollout.reuse_teacher_logits={reuse}"]
         done = run_tool_in_workers(
-            *_train_args(
-                tiny_pair, f"parallel.tp={tp}", f"parallel.pp={pp}", "training.train_iters=2", "minillm.ppo_epochs=2"
-            ),
-            nproc=nproc,
+            *_train_args(tiny_pair, *overrides, "training.train_iters=2", "minillm.ppo_epochs=2"), nproc=nproc
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[tp] = _iterations(done.stdout)
-    assert (
-        len(runs[1]) == 2
-        and {"pg loss", "single-step loss", "pt lm loss", "pt kd loss", "reward", "rkl to teacher", "response length"}
-        <= runs[1][0].keys()
-    )
+        runs[name] = _iterations(done.stdout)
+    assert len(runs["tp1"]) == 2
+    assert {*MINILLM_TERMS, "response length", "draft acceptance", "tokens per teacher forward"} <= runs["tp1"][
+        0
+    ].keys()
+    # The same rollouts; teacher logits from the sampler's KV-cache forwards vs a full forward, both
+    # kept in bf16: L_Single, the rewards and the PPO terms agree to rounding.
+    for a, b in zip(runs["tp1"], runs["scored"], strict=True):
+        assert a["response length"] == b["response length"] and a["draft acceptance"] == b["draft acceptance"]
+        for key in MINILLM_TERMS:
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (key, a, b)
+    runs = {2: runs["tp2"], 1: runs["tp1"]}
     for a, b in zip(runs[2], runs[1], strict=True):
         for key in (
             "pg loss",
