@@ -9,7 +9,11 @@ prompts (~113 tokens, different lengths, left-padded) for both implementations.
     ``generate(do_sample=False)`` with its KV cache (SDPA attention, the transformers default);
     the generated tokens are checked equal;
 (2) sampling (temperature 1): time of teacher-mixed decoding (alpha = 0.2) against the sum of
-    student-only and teacher-only decoding with our sampler.
+    student-only and teacher-only decoding with our sampler;
+(3) speculative teacher-mixed sampling (alpha = 0.2; the student drafts k tokens, the teacher checks
+    them in one forward) for each k of ``--speculative-k`` against (2), same prompts and seeds: time,
+    tokens kept per teacher forward and acceptance rate of the drafts; with ``--greedy`` the best k
+    must give the same tokens as the token-by-token mixed sampler.
 Best of ``--repeats`` after one warm-up. The last line is one JSON with the ratios.
 """
 
@@ -63,6 +67,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--speculative-k", default="2,3,4,6", help="draft lengths to time, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
@@ -131,9 +136,10 @@ def main() -> None:
         result[f"greedy_tokens_equal_{name}"] = same
 
     # (2) teacher-mixed sampling vs the two models decoding alone.
-    def run(model, teacher=None, alpha=0.0):
-        params = SamplingParams(mix_alpha=alpha, **fixed)
-        return lambda: generate(model, prompts, params, seeds, vocab_size=vocab, teacher=teacher)
+    def run(model, teacher=None, alpha=0.0, k=0, out=None, greedy=False):
+        params = SamplingParams(mix_alpha=alpha, speculative_k=k, greedy=greedy, **fixed)
+        out = {} if out is None else out
+        return lambda: out.update(r=generate(model, prompts, params, seeds, vocab_size=vocab, teacher=teacher))
 
     t_student = _best(run(ours["student"]), args.repeats)
     t_teacher = _best(run(ours["teacher"]), args.repeats)
@@ -143,7 +149,44 @@ def main() -> None:
         f"-> mixed / (student + teacher) = {t_mixed / (t_student + t_teacher):.3f}"
     )
     result["mixed_vs_student_plus_teacher"] = round(t_mixed / (t_student + t_teacher), 3)
+    result.update(_speculative(run, ours, [int(k) for k in args.speculative_k.split(",")], t_mixed, args.repeats))
     print(json.dumps(result))
+
+
+def _speculative(run, ours: dict, ks: list[int], t_mixed: float, repeats: int) -> dict:
+    """(3): speculative mixed sampling per draft length k against token-by-token mixed sampling."""
+    per_k = {}
+    for k in ks:
+        out = {}
+        t_spec = _best(run(ours["student"], ours["teacher"], 0.2, k, out), repeats)
+        stats = out["r"].speculation
+        print(
+            f"speculative k={k}: {t_spec:.2f} s = {t_spec / t_mixed:.3f}x mixed; "
+            f"{stats.tokens_per_teacher_forward:.2f} tokens per teacher forward, "
+            f"acceptance {stats.acceptance_rate:.3f} ({stats.accepted}/{stats.drafted} drafts)"
+        )
+        per_k[k] = {
+            "time_s": round(t_spec, 2),
+            "vs_mixed": round(t_spec / t_mixed, 3),
+            "accepted_per_teacher_forward": round(stats.tokens_per_teacher_forward, 3),
+            "acceptance_rate": round(stats.acceptance_rate, 3),
+        }
+    best = min(per_k, key=lambda k: per_k[k]["vs_mixed"])
+    # Greedy: the speculative path must give the token-by-token mixture's argmax tokens.
+    plain, spec = {}, {}
+    run(ours["student"], ours["teacher"], 0.2, 0, plain, greedy=True)()
+    run(ours["student"], ours["teacher"], 0.2, best, spec, greedy=True)()
+    same = spec["r"].tokens.tolist() == plain["r"].tokens.tolist()
+    print(f"speculative best k={best}: {per_k[best]['vs_mixed']:.3f}x mixed; greedy tokens equal to k=0: {same}")
+    return {
+        "mixed_s": round(t_mixed, 2),
+        "speculative_k": best,
+        "speculative_vs_mixed": per_k[best]["vs_mixed"],
+        "accepted_per_teacher_forward": per_k[best]["accepted_per_teacher_forward"],
+        "acceptance_rate": per_k[best]["acceptance_rate"],
+        "speculative_greedy_tokens_equal": same,
+        "speculative_per_k": {str(k): v for k, v in per_k.items()},
+    }
 
 
 if __name__ == "__main__":
