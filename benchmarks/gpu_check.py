@@ -18,6 +18,8 @@ status is 1 if any check failed. Checks (tolerances and meanings: docs/gpu.md):
   per phase against the memory planner's prediction for the same config;
 - ``sampler_decode``: greedy decoding of ours vs HF ``generate`` (KV cache) on the student-shaped
   model: tokens/s in bf16, tokens equal in fp32;
+- ``speculative_sampling``: teacher-mixed rollouts of the random teacher/student pair, speculative
+  (k = 2, 4) vs token by token: bf16 time ratio and tokens per teacher forward; fp32 greedy tokens equal;
 - ``reverse_kl_loss``: ``losses.reverse_kl`` forward + backward on [4, 1024, 128256] bf16 logits against
   a memory pass over the same bytes and the naive autograd loss: time, peak memory, agreement.
 
@@ -640,6 +642,43 @@ def check_sampler_decode(s: Scale) -> dict:
     return out
 
 
+def check_speculative_sampling(s: Scale) -> dict:
+    """Teacher-mixed rollouts (alpha = 0.2, temperature 1) of the teacher- and student-shaped models:
+    bf16 time of speculative sampling at k = 2 and 4 against token by token, with tokens kept per
+    teacher forward; fp32 greedy speculative tokens against token by token (the same in exact math)."""
+    _ensure_parallel()
+    batch, prompt_length, new = s.decode
+    prompts = torch.randint(
+        3, s.student["vocab_size"], (batch, prompt_length), generator=torch.Generator().manual_seed(4)
+    )
+    seeds = sample_seeds(0, torch.arange(batch))
+    out: dict = {"batch": batch, "prompt_tokens": prompt_length, "new_tokens": new, "mix_alpha": 0.2}
+    for dtype in ("fp32", "bf16"):
+        models = []
+        for seed, spec in ((0, s.student), (1, s.teacher)):
+            torch.manual_seed(seed)
+            arch = architecture_from_dict(_hf_config(spec).to_dict())
+            models.append(build_model(arch, dtype=dtype))
+        student, teacher = models
+
+        def run(k: int, greedy: bool = False):
+            params = SamplingParams(max_new_tokens=new, mix_alpha=0.2, greedy=greedy, speculative_k=k)
+            return generate(student, prompts.tolist(), params, seeds, vocab_size=arch.vocab_size, teacher=teacher)
+
+        if dtype == "fp32":
+            equal = run(2, greedy=True).tokens.cpu() == run(0, greedy=True).tokens.cpu()
+            out["fp32_greedy_sequences_equal"] = _round(equal.all(dim=1).float().mean().item())
+            continue
+        token_by_token = _best(lambda: run(0), s.repeats)
+        for k in (2, 4):
+            seconds = _best(lambda: run(k), s.repeats)  # noqa: B023
+            out[f"bf16_k{k}_vs_token_by_token"] = _round(seconds / token_by_token)
+            out[f"bf16_k{k}_tokens_per_teacher_forward"] = _round(run(k).speculation.tokens_per_teacher_forward)
+        out["bf16_token_by_token_s"] = _round(token_by_token)
+    out["ok"] = out["fp32_greedy_sequences_equal"] >= GREEDY_SEQUENCES_MIN
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # (d) the reverse KL loss
 
@@ -737,7 +776,7 @@ def _run_check(name: str, fn: Callable[[], dict]) -> bool:
 
 
 def main() -> int:
-    checks = ("hf_parity", "minillm_iterations", "sampler_decode", "reverse_kl_loss")
+    checks = ("hf_parity", "minillm_iterations", "sampler_decode", "speculative_sampling", "reverse_kl_loss")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes; runs on CPU too")
     parser.add_argument("--only", action="append", choices=checks, help="run only this check (repeatable)")
@@ -765,6 +804,7 @@ def main() -> int:
         "hf_parity": lambda: check_hf_parity(scale),
         "minillm_iterations": lambda: check_minillm_iterations(scale, work),
         "sampler_decode": lambda: check_sampler_decode(scale),
+        "speculative_sampling": lambda: check_speculative_sampling(scale),
         "reverse_kl_loss": lambda: check_reverse_kl_loss(scale),
     }
     try:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 # The drafts per teacher forward of the trainer's and tools/generate.py's speculative sampling, from
 # benchmarks/bench_sampler.py (SamplingParams itself defaults to 0, the token-by-token sampler).
-DEFAULT_SPECULATIVE_K = 4
+DEFAULT_SPECULATIVE_K = 2
 
 
 @dataclass(frozen=True)
