@@ -4,6 +4,7 @@ The layouts are those :mod:`megatron_minillm.data.preprocess` writes: instructio
 document of two sequences (prompt, response) per example; pretraining text one document per text.
 """
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,26 @@ def _open(path_prefix: str | Path) -> IndexedDataset:
         )
     if Path(prefix + ".bin").stat().st_size == 0:
         raise DatasetLayoutError(f"{prefix}.bin is empty: the dataset holds no tokens; re-run tools/preprocess_data.py")
-    try:
-        return IndexedDataset(prefix)
-    except (ValueError, AssertionError, OSError, IndexError) as err:  # what megatron's reader raises
-        raise DatasetLayoutError(
-            f"{prefix}.idx / .bin are damaged ({type(err).__name__}: {err}); re-run tools/preprocess_data.py"
-        ) from err
+    _check_index(Path(prefix + ".idx"))
+    return IndexedDataset(prefix)
+
+
+def _check_index(path: Path) -> None:
+    """The header and size of megatron's ``.idx`` (magic, version, dtype, counts, then int32 lengths,
+    int64 pointers and int64 document indices): megatron's reader fails on a damaged one with an
+    assertion, then again in its own ``__del__``."""
+    with open(path, "rb") as f:
+        header = f.read(34)
+    problem = None
+    if len(header) < 34 or header[:9] != b"MMIDIDX\x00\x00":
+        problem = "not an indexed-dataset index (bad header)"
+    else:
+        sequences, documents = struct.unpack("<QQ", header[18:34])
+        expected = 34 + 12 * sequences + 8 * documents
+        if path.stat().st_size < expected:
+            problem = f"{path.stat().st_size} bytes, its header needs {expected}"
+    if problem:
+        raise DatasetLayoutError(f"{path} is damaged ({problem}); re-run tools/preprocess_data.py")
 
 
 class InstructionDataset:
