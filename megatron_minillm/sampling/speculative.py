@@ -76,10 +76,10 @@ def speculative_generate(
         return lists
 
     while not bool(done.all()):
-        live = ~done[:, None]  # finished rows feed tokens that stay hidden, so their caches do not fill up
+        live = ~done  # finished rows feed tokens that stay hidden, so their caches do not fill up
         # The student drafts k tokens, first taking in the token kept last round.
         if pending is not None:
-            q_logits = student.forward(pending[:, None], (next_position - 1)[:, None], live)
+            q_logits = student.forward(pending[:, None], (next_position - 1)[:, None], live[:, None])
         log_q, bans, drafts = [], [], []
         for j in range(k + 1):
             if is_last:
@@ -91,13 +91,13 @@ def speculative_generate(
             if pipelined:
                 ids = comm.broadcast_from_last_pipeline_stage([batch], torch.long, ids, pp_group=pp_group)
             drafts.append(ids)
-            q_logits = student.forward(ids[:, None], (next_position + j)[:, None], live)
+            q_logits = student.forward(ids[:, None], (next_position + j)[:, None], live[:, None])
         drafted = torch.stack(drafts, dim=1)  # [b, k]
 
         # The teacher scores every draft in one forward (and the kept token it has not seen yet).
         fed = drafted if pending is None else torch.cat((pending[:, None], drafted), dim=1)
         positions = next_position[:, None] + torch.arange(-fed.shape[1] + k, k, device=device)
-        p_logits = teacher.forward(fed, positions, live.expand_as(fed), every_position=True)
+        p_logits = teacher.forward(fed, positions, live[:, None].expand_as(fed), every_position=True)
         if is_last:
             p_all = p_logits if pending is not None else torch.cat((p_first[:, None], p_logits), dim=1)
             log_p = [processed_log_probs(p_all[:, j], params, vocab_size, bans[j], tp_group) for j in range(k + 1)]
@@ -119,18 +119,17 @@ def speculative_generate(
         kept = torch.minimum(torch.minimum(accepted + 1, params.max_new_tokens - count), first_stop + 1)
         kept = torch.where(done, torch.zeros_like(kept), kept)
         keep = offsets[None, :] < kept[:, None]  # [b, k + 1]
-        index = (count[:, None] + offsets).clamp(max=params.max_new_tokens - 1)
-        out_tokens[rows[:, None].expand_as(keep)[keep], index[keep]] = candidates[keep]
+        # (row, output index) of each kept token
+        at = (rows[:, None].expand_as(keep)[keep], (count[:, None] + offsets)[keep])
+        out_tokens[at] = candidates[keep]
         if is_last:
-            round_logps = _round_logps(log_q, log_p, params.mix_alpha, candidates, tp_group)
-            out_logps[:, rows[:, None].expand_as(keep)[keep], index[keep]] = round_logps[:, keep]
+            out_logps[(slice(None), *at)] = _round_logps(log_q, log_p, params.mix_alpha, candidates, tp_group)[:, keep]
             if keep_teacher:
-                out_teacher[rows[:, None].expand_as(keep)[keep], index[keep]] = p_all[keep].to(teacher_logits_dtype)
+                out_teacher[at] = p_all[keep].to(teacher_logits_dtype)
                 raw = [raw_log_probs(p_all[:, j], candidates[:, j], vocab_size, tp_group) for j in range(k + 1)]
-                out_teacher_log_p[rows[:, None].expand_as(keep)[keep], index[keep]] = torch.stack(raw, 1)[keep]
+                out_teacher_log_p[at] = torch.stack(raw, 1)[keep]
             if ngrams:
                 ngrams.extend([c[m].tolist() for c, m in zip(candidates, keep)])
-        live = live[:, 0]
         stats.drafted += int((live * torch.clamp(params.max_new_tokens - count, max=k)).sum())
         stats.accepted += int((live * torch.minimum(accepted, kept)).sum())
         stats.kept += int(kept.sum())
