@@ -413,3 +413,34 @@ def test_sampling_params_reject_bad_values():
     ]:
         with pytest.raises(ValueError, match=message):
             SamplingParams(max_new_tokens=8, **kw)
+
+
+def _stop_inside_an_accepted_block() -> dict:
+    """alpha = 0 with a teacher: every draft is accepted (p~ = q), so with k = 3 the tokens at
+    positions 0-2 of a row are accepted drafts of its first round. A stop id placed at position 1
+    must end the row there, mid-block."""
+    from megatron_minillm.parallel import init_distributed
+    from megatron_minillm.sampling import SamplingParams, generate, sample_seeds
+
+    init_distributed(tp=1, pp=1)
+    student, teacher = _megatron(_peaked("llama")), _megatron(_peaked("qwen2", seed=1))
+    prompts, seeds = _prompts(), sample_seeds(7, torch.arange(len(PROMPT_LENGTHS)))
+    plain = generate(student, prompts, SamplingParams(max_new_tokens=MAX_NEW, greedy=True), seeds, vocab_size=VOCAB)
+    out = {}
+    for i, tokens in enumerate(plain.responses()):
+        if tokens[1] == tokens[0]:
+            continue  # the stop id would end the row at position 0
+        params = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_ids=(tokens[1],), speculative_k=3)
+        r = generate(student, [prompts[i]], params, seeds[i : i + 1], vocab_size=VOCAB, teacher=teacher)
+        out[i] = (tokens, r.responses()[0], r.speculation.accepted, r.speculation.row_rounds)
+    return out
+
+
+def test_a_stop_id_inside_an_accepted_block_ends_the_row():
+    out = run_distributed(_stop_inside_an_accepted_block, 1)[0]
+    assert out, "no prompt whose first two greedy tokens differ"
+    for plain, speculative, accepted, rounds in out.values():
+        assert speculative == plain[:2], (plain, speculative)
+        # One round; both kept tokens are accepted drafts (no correction or bonus): the third
+        # accepted draft, after the stop, is dropped.
+        assert (accepted, rounds) == (2, 1), (accepted, rounds)
