@@ -64,7 +64,7 @@ class UnsafeCheckpointError(NotACheckpointError):
 
 
 class _Refused(pickle.UnpicklingError):
-    pass
+    """A global the metadata unpickler does not admit (its message: ``module.name``)."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -187,6 +187,17 @@ def _files(directory: Path) -> dict[str, int]:
     }
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """``path`` holds the old text or all of ``text``, never a part: written to ``<path>.tmp``,
+    fsynced, then renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_manifest(directory: Path, checksums: bool = True) -> None:
     """Record every file under ``directory`` in ``directory/manifest.json`` (collective: the ranks
     share the hashing; rank 0 writes). Call it when every other file is written."""
@@ -203,12 +214,9 @@ def write_manifest(directory: Path, checksums: bool = True) -> None:
         files = {
             name: {"size": size, **({"sha256": hashes[name]} if checksums else {})} for name, size in sizes.items()
         }
-        tmp = directory / (MANIFEST_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"version": MANIFEST_VERSION, "files": files}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / MANIFEST_FILE)
+        write_text_atomically(
+            directory / MANIFEST_FILE, json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=1)
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

@@ -8,7 +8,6 @@ previous checkpoint in charge. Layout and caveats: docs/checkpointing.md.
 """
 
 import json
-import os
 import random
 import signal
 import warnings
@@ -29,7 +28,12 @@ from megatron_minillm.checkpoint.dist_checkpoint import (
     load_checkpoint,
     write_checkpoint_files,
 )
-from megatron_minillm.checkpoint.integrity import safe_dcp_load, verify_manifest, write_manifest
+from megatron_minillm.checkpoint.integrity import (
+    safe_dcp_load,
+    verify_manifest,
+    write_manifest,
+    write_text_atomically,
+)
 from megatron_minillm.models.hf_config import Architecture
 from megatron_minillm.platform.device import device, is_cuda
 
@@ -117,15 +121,6 @@ def _drop_empty_param_state(sharded: dict) -> dict:
     return sharded
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_training_checkpoint(
     save_dir: str | Path,
     iteration: int,
@@ -165,7 +160,7 @@ def save_training_checkpoint(
             (tmp / STATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         write_manifest(tmp, checksums)
     if rank0:
-        _write_text_atomically(Path(save_dir) / LATEST_FILE, f"{iteration}\n")
+        write_text_atomically(Path(save_dir) / LATEST_FILE, f"{iteration}\n")
     torch.distributed.barrier()  # no rank goes on (or exits on SIGTERM) before `latest` moved
     return out
 

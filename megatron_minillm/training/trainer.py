@@ -19,7 +19,7 @@ trains one optimizer step per iteration on the dataset's responses or the teache
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ from megatron_minillm.paths import check_output_path
 from megatron_minillm.planning.memory import stage_parameters
 from megatron_minillm.platform import device, is_cuda
 from megatron_minillm.sampling import Rollout, generate, sample_seeds
+from megatron_minillm.sampling.rollout import SpeculationStats
 from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
 from megatron_minillm.training.optimizer import setup_model_and_optimizer
 from megatron_minillm.training.schedule import forward_outputs, train_step
@@ -454,14 +455,14 @@ class Trainer:
         ranks; nothing when the rollouts were sampled token by token."""
         if not rollouts or rollouts[0].speculation is None:
             return {}
-        fields = ("drafted", "accepted", "kept", "row_rounds")
-        counts = [sum(getattr(r.speculation, f) for r in rollouts) for f in fields]
+        names = [f.name for f in fields(SpeculationStats)]
+        counts = [sum(getattr(r.speculation, name) for r in rollouts) for name in names]
         totals = torch.tensor(counts, dtype=torch.float64, device=self.device)
         dist.all_reduce(totals, group=self.dp_group)
-        drafted, accepted, kept, row_rounds = totals.tolist()
+        stats = SpeculationStats(**dict(zip(names, totals.tolist())))
         return {
-            "draft acceptance": accepted / max(drafted, 1.0),
-            "tokens per teacher forward": kept / max(row_rounds, 1.0),
+            "draft acceptance": stats.acceptance_rate,
+            "tokens per teacher forward": stats.tokens_per_teacher_forward,
         }
 
     def iteration(self, iteration: int) -> dict[str, float]:
