@@ -74,9 +74,20 @@ class ParallelConfig:
 
     tp: int = knob(1, "tensor-parallel size")
     pp: int = knob(1, "pipeline-parallel size")
+    teacher_tp: int = knob(0, "the teacher's own tensor-parallel size on the same ranks; 0: the student's (tp)")
+    teacher_pp: int = knob(0, "the teacher's own pipeline-parallel size on the same ranks; 0: the student's (pp)")
+    sequence_parallel: bool = knob(
+        False, "Megatron sequence parallelism in the student's training forward/backward (no effect at TP=1)"
+    )
 
     def __post_init__(self) -> None:
         _at_least_one(self, "tp", "pp")
+        _require(self, "parallel", "an integer >= 0 (0: the student's)", _non_negative, "teacher_tp", "teacher_pp")
+
+    @property
+    def teacher_layout(self) -> tuple[int, int]:
+        """The teacher's (TP, PP): its own where given, else the student's."""
+        return self.teacher_tp or self.tp, self.teacher_pp or self.pp
 
 
 @dataclass

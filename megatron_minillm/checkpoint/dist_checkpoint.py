@@ -20,9 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.process_groups_config import ProcessGroupCollection
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_minillm.checkpoint.hf_io import copy_side_files
@@ -187,13 +189,24 @@ def write_checkpoint_files(
 
 
 def load_model(
-    ckpt_dir: str | Path, dtype: str | None = None, *, checksums: bool = True
+    ckpt_dir: str | Path,
+    dtype: str | None = None,
+    *,
+    checksums: bool = True,
+    pg_collection: ProcessGroupCollection | None = None,
+    **config_overrides: Any,
 ) -> tuple[torch.nn.Module, Architecture, CheckpointMetadata]:
-    """Build the checkpoint's model at the current TP x PP and load it (collective)."""
+    """Build the checkpoint's model at the TP x PP of ``pg_collection`` (None: megatron's global
+    groups) and load it (collective); ``config_overrides`` go to its TransformerConfig."""
     meta = read_metadata(ckpt_dir)
     arch = load_architecture(ckpt_dir)
     model = build_model(
-        arch, dtype=dtype or meta.dtype, padded_vocab=meta.padded_vocab_size, perform_initialization=False
+        arch,
+        dtype=dtype or meta.dtype,
+        padded_vocab=meta.padded_vocab_size,
+        pg_collection=pg_collection,
+        perform_initialization=False,
+        **config_overrides,
     )
     load_checkpoint(model, ckpt_dir, arch, checksums=checksums)
     return model, arch, meta
