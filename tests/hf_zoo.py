@@ -91,7 +91,13 @@ def hf_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
 
 
 def llama_with_tokenizer(
-    out: Path, seed: int, tokenizer_dir: Path, layers: int = 4, context: int = 64, sharpen: float = 6.0
+    out: Path,
+    seed: int,
+    tokenizer_dir: Path,
+    layers: int = 4,
+    context: int = 64,
+    sharpen: float = 6.0,
+    kv_heads: int = 2,
 ) -> Path:
     """An HF directory: a tiny LLaMA with the tokenizer's vocabulary, its output layer scaled by
     ``sharpen`` (peaked next-token distributions), and the tokenizer."""
@@ -102,7 +108,7 @@ def llama_with_tokenizer(
         intermediate_size=96,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         vocab_size=len(tokenizer),
         max_position_embeddings=context,
         eos_token_id=tokenizer.eos_token_id,

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_minillm.checkpoint.hf_io import copy_side_files
@@ -237,7 +238,10 @@ def load_checkpoint(
         if diff:
             raise CheckpointMismatchError(f"checkpoint {ckpt_dir} does not fit the model: " + "; ".join(diff))
     try:
-        state = safe_dcp_load(model.sharded_state_dict(), ckpt_dir / MODEL_DIR)
+        # A model on its own layout names its DP group, or megatron would count replicas over its global one.
+        dp_group = getattr(unwrap_model(model).pg_collection, "dp_cp", None)
+        metadata = None if dp_group is None else {"dp_cp_group": dp_group}
+        state = safe_dcp_load(model.sharded_state_dict(metadata=metadata), ckpt_dir / MODEL_DIR)
     except NotACheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # shape/key mismatches surface as several types

@@ -6,6 +6,7 @@ from megatron_minillm.parallel.initialize import (
     ParallelLayout,
     destroy_distributed,
     init_distributed,
+    new_model_groups,
     set_random_seed,
 )
 
@@ -14,5 +15,6 @@ __all__ = [
     "ParallelLayout",
     "destroy_distributed",
     "init_distributed",
+    "new_model_groups",
     "set_random_seed",
 ]

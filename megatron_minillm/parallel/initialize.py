@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_minillm.platform import backend, setup_platform
 
@@ -47,6 +49,14 @@ class ParallelLayout:
     @property
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp)
+
+    def rank_of(self, tp_rank: int, pp_rank: int, dp_rank: int) -> int:
+        """The global rank at these coordinates, in megatron's order (TP fastest, then DP, then PP)."""
+        return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(TP rank, PP rank, DP rank) of a global rank: the inverse of :meth:`rank_of`."""
+        return rank % self.tp, rank // (self.tp * self.dp), rank // self.tp % self.dp
 
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
@@ -144,6 +154,42 @@ def init_distributed(
     )
     set_random_seed(seed)
     return layout
+
+
+def new_model_groups(layout: ParallelLayout) -> ProcessGroupCollection:
+    """Process groups of a second model on its own TP x PP x DP layout over the same ranks (a teacher
+    beside the student), ordered as megatron orders its global ones (:meth:`ParallelLayout.rank_of`).
+
+    Collective: every rank creates every group, in the same order. The collection holds what
+    megatron's GPTModel and pipeline schedule read: tp, pp, dp and dp_cp (no context parallelism),
+    cp (this rank alone), embd (first and last stage of each pipeline, for tied embeddings; None at
+    PP=1) and pos_embd (None: positions are never split over stages here).
+    """
+    if layout.world_size != dist.get_world_size():
+        raise LayoutError(f"a layout for {layout.world_size} ranks on a world of {dist.get_world_size()}")
+    rank, tp, pp, dp = dist.get_rank(), layout.tp, layout.pp, layout.dp
+    lists = {
+        "tp": [[layout.rank_of(t, p, d) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "pp": [[layout.rank_of(t, p, d) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "dp": [[layout.rank_of(t, p, d) for d in range(dp)] for p in range(pp) for t in range(tp)],
+    }
+    if pp > 1:
+        lists["embd"] = [[ranks[0], ranks[-1]] for ranks in lists["pp"]]
+    mine: dict[str, dist.ProcessGroup | None] = {"embd": None}
+    for name, rank_lists in lists.items():
+        for ranks in rank_lists:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine[name] = group
+    return ProcessGroupCollection(
+        tp=mine["tp"],
+        pp=mine["pp"],
+        dp=mine["dp"],
+        dp_cp=mine["dp"],
+        cp=parallel_state.get_context_parallel_group(),
+        embd=mine["embd"],
+        pos_embd=None,
+    )
 
 
 def destroy_distributed() -> None:

@@ -9,7 +9,8 @@ the end, when they are broadcast once.
 The TP and PP groups are the model's own (``KVCacheDecoder`` reads the ``pg_collection`` megatron's
 GPTModel keeps), so a model built on an explicit layout samples over it with no extra argument; a
 teacher must share the student's layout, since a token is drawn from both models' vocabulary slices
-on the same ranks. The data-parallel group of :func:`generate_all` is an argument (a model does not
+on the same ranks, or be a :class:`CrossLayoutTeacher` (``sampling.cross_layout``) whose logits
+arrive in the student's layout. The data-parallel group of :func:`generate_all` is an argument (a model does not
 know its replicas), megatron's global DP group by default.
 """
 
@@ -23,7 +24,7 @@ from megatron.core.inference import communication_utils as comm
 from torch import Tensor
 
 from megatron_minillm.parallel.vocab import gather_ids
-from megatron_minillm.sampling.kv_cache import KVCacheDecoder
+from megatron_minillm.sampling.cross_layout import CrossLayoutTeacher, all_done, decoders_for
 from megatron_minillm.sampling.noise import sample_seeds
 from megatron_minillm.sampling.params import SamplingParams
 from megatron_minillm.sampling.processors import NoRepeatNGram, draw, mix, processed_log_probs
@@ -39,7 +40,7 @@ def generate(
     seeds: Tensor,
     *,
     vocab_size: int,
-    teacher: torch.nn.Module | None = None,
+    teacher: torch.nn.Module | CrossLayoutTeacher | None = None,
     pad_id: int = 0,
     teacher_logits_dtype: torch.dtype | None = None,
 ) -> Rollout:
@@ -50,12 +51,15 @@ def generate(
     ``vocab_size`` is the true vocabulary size; ids at or above it (vocabulary padding) are never drawn.
     ``teacher_logits_dtype``: the speculative sampler keeps the teacher's logits of every response
     position in this dtype (``Rollout.teacher_logits``), which spares the trainer a scoring forward.
+    A teacher on its own layout (:class:`CrossLayoutTeacher`) decodes every DP group's rows at once:
+    every rank of the world calls :func:`generate` together, with batches of one size.
     """
     if params.mix_alpha > 0 and teacher is None:
         raise GenerationError(f"mix_alpha={params.mix_alpha} needs a teacher")
     modules = [model] if teacher is None else [model, teacher]
-    was_training = [m.training for m in modules]
-    for m in modules:
+    networks = [m.model if isinstance(m, CrossLayoutTeacher) else m for m in modules]
+    was_training = [m.training for m in networks]
+    for m in networks:
         m.eval()
     args = ([list(map(int, p)) for p in prompts], params, seeds.to(torch.int64), vocab_size, pad_id)
     try:
@@ -63,20 +67,20 @@ def generate(
             return speculative_generate(modules, *args, teacher_logits_dtype=teacher_logits_dtype)
         return _generate(modules, *args)
     finally:
-        for m, mode in zip(modules, was_training):
+        for m, mode in zip(networks, was_training):
             m.train(mode)
 
 
 def _generate(
-    modules: list[torch.nn.Module],
+    modules: list,
     prompts: list[list[int]],
     params: SamplingParams,
     seeds: Tensor,
     vocab_size: int,
     pad_id: int,
 ) -> Rollout:
-    batch, width = len(prompts), max(map(len, prompts), default=0)
-    decoders = [KVCacheDecoder(m, batch, width + params.max_new_tokens) for m in modules]
+    decoders = decoders_for(modules, len(prompts), max(map(len, prompts), default=0) + params.max_new_tokens)
+    batch = len(prompts)
     check_inputs(prompts, seeds, params, decoders, vocab_size)
     student = decoders[0]
     is_last, tp_group, pp_group, device = student.is_last, student.tp_group, student.pp_group, student.device
@@ -109,7 +113,7 @@ def _generate(
         done = done | torch.isin(ids, stop_ids)
         if ngrams:
             ngrams.append(ids.tolist())
-        if bool(done.all()) or step + 1 == params.max_new_tokens:
+        if all_done(done, decoders) or step + 1 == params.max_new_tokens:
             break
         fed = torch.ones(batch, 1, dtype=torch.bool, device=device)  # finished rows feed padding that nobody reads
         logits = [d.forward(ids[:, None], next_position[:, None] + step, fed) for d in decoders]

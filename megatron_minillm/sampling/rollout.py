@@ -98,7 +98,8 @@ def check_inputs(
     ):
         raise GenerationError(
             "the teacher is built on another TP x PP layout than the student; sampling draws each token "
-            "from both models' vocabulary slices on the same ranks, so both need the same TP and PP groups"
+            "from both models' vocabulary slices on the same ranks: pass it as a CrossLayoutTeacher "
+            "(sampling.cross_layout), whose logits arrive in the student's layout"
         )
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from megatron_minillm.parallel.vocab import gather_ids, log_softmax, mask_padded_vocab, tp_all_reduce
 from megatron_minillm.sampling import vocab_parallel as vp
-from megatron_minillm.sampling.kv_cache import KVCacheDecoder
+from megatron_minillm.sampling.cross_layout import all_done, decoders_for
 from megatron_minillm.sampling.noise import ACCEPT, DRAW, RESIDUAL, uniform
 from megatron_minillm.sampling.params import SamplingParams
 from megatron_minillm.sampling.processors import NoRepeatNGram, draw, mix, processed_log_probs
@@ -32,7 +32,7 @@ from megatron_minillm.sampling.rollout import Rollout, SpeculationStats, check_i
 
 
 def speculative_generate(
-    modules: list[torch.nn.Module],
+    modules: list,
     prompts: list[list[int]],
     params: SamplingParams,
     seeds: Tensor,
@@ -43,7 +43,7 @@ def speculative_generate(
     """:func:`generate.generate` with a teacher and ``params.speculative_k`` > 0 (same contract)."""
     k = params.speculative_k
     batch, width = len(prompts), max(map(len, prompts))
-    decoders = [KVCacheDecoder(m, batch, width + params.max_new_tokens + k + 1) for m in modules]
+    decoders = decoders_for(modules, batch, width + params.max_new_tokens + k + 1)
     check_inputs(prompts, seeds, params, decoders, vocab_size)
     student, teacher = decoders
     is_last, tp_group, pp_group, device = student.is_last, student.tp_group, student.pp_group, student.device
@@ -75,7 +75,7 @@ def speculative_generate(
             lists = [b + list(params.stop_ids) if e else b for b, e in zip(lists, early)]
         return lists
 
-    while not bool(done.all()):
+    while not all_done(done, decoders):
         live = ~done  # finished rows feed tokens that stay hidden, so their caches do not fill up
         # The student drafts k tokens, first taking in the token kept last round.
         if pending is not None:

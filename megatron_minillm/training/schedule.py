@@ -10,6 +10,9 @@ import torch.distributed as dist
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.utils import unwrap_model
 
 from megatron_minillm.data.micro_batch import MicroBatch
 from megatron_minillm.models.logits import logits_at
@@ -39,10 +42,19 @@ def _loss(loss_func: LossFunc, batch: MicroBatch, logits: torch.Tensor) -> tuple
 
 
 def _schedule(
-    model: torch.nn.Module, micro_batches: Sequence[MicroBatch], func: Callable, forward_only: bool, collect: bool
+    model: torch.nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    func: Callable,
+    forward_only: bool,
+    collect: bool,
+    pg_collection: ProcessGroupCollection | None = None,
 ) -> list:
     batch_size, seq_length = micro_batches[0].tokens.shape
-    return get_forward_backward_func()(
+    groups = {}
+    if pg_collection is not None:  # a model on its own layout: its pipeline, not megatron's global one
+        config = unwrap_model(model).config
+        groups = dict(p2p_communicator=P2PCommunicator(pg_collection.pp, config), pg_collection=pg_collection)
+    return get_forward_backward_func(pp_size=pg_collection.pp.size() if pg_collection else None)(
         forward_step_func=partial(_forward_step, func, collect),
         data_iterator=iter(micro_batches),
         model=[model],
@@ -51,6 +63,7 @@ def _schedule(
         micro_batch_size=batch_size,
         forward_only=forward_only,
         collect_non_loss_data=collect,
+        **groups,
     )
 
 
@@ -68,11 +81,17 @@ def forward_backward(
 
 
 @torch.no_grad()
-def forward_outputs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], output_func: OutputFunc) -> list:
+def forward_outputs(
+    model: torch.nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    output_func: OutputFunc,
+    pg_collection: ProcessGroupCollection | None = None,
+) -> list:
     """Forward only; ``output_func(batch, logits)`` of every micro-batch, in order, on the last
     pipeline stage ([] elsewhere): megatron's ``collect_non_loss_data`` path, for outputs that are
-    not a loss (a teacher's logits, evaluation statistics)."""
-    return _schedule(model, micro_batches, output_func, forward_only=True, collect=True)
+    not a loss (a teacher's logits, evaluation statistics). ``pg_collection``: the groups of a model
+    built on its own layout (None: megatron's global ones)."""
+    return _schedule(model, micro_batches, output_func, forward_only=True, collect=True, pg_collection=pg_collection)
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -16,7 +16,9 @@ batch (plus once per pretraining micro-batch, which is new data every step). Any
 trains one optimizer step per iteration on the dataset's responses or the teacher's samples.
 """
 
+import dataclasses
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass, field, fields
@@ -39,10 +41,9 @@ from megatron_minillm.data import (
     load_tokenizer,
 )
 from megatron_minillm.data.micro_batch import MicroBatch, pack, sequence_length
-from megatron_minillm.losses import token_log_probs
-from megatron_minillm.models import load_architecture
-from megatron_minillm.models.builder import DTYPES
-from megatron_minillm.parallel import init_distributed
+from megatron_minillm.models import Architecture, load_architecture
+from megatron_minillm.models.builder import DTYPES, check_layout
+from megatron_minillm.parallel import LayoutError, ParallelLayout, init_distributed
 from megatron_minillm.paths import check_output_path
 from megatron_minillm.planning.memory import stage_parameters
 from megatron_minillm.platform import device, is_cuda
@@ -50,7 +51,8 @@ from megatron_minillm.sampling import Rollout, generate, sample_seeds
 from megatron_minillm.sampling.rollout import SpeculationStats
 from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
 from megatron_minillm.training.optimizer import setup_model_and_optimizer
-from megatron_minillm.training.schedule import forward_outputs, train_step
+from megatron_minillm.training.schedule import train_step
+from megatron_minillm.training.teacher import Teacher
 
 log = logging.getLogger("megatron_minillm.train")
 
@@ -63,15 +65,6 @@ class Timers:
 
     def add(self, name: str, start: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def model_checksum(model: torch.nn.Module) -> float:
-    """Sum of all weights over the model-parallel group: equal for the same checkpoint at any layout,
-    logged so that a teacher that silently failed to load (e.g. all zeros) is caught."""
-    weights = list(model.parameters())
-    total = torch.stack([p.detach().double().sum() for p in weights]).sum()
-    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return total.item()
 
 
 def response_tensors(rollout: Rollout) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -105,12 +98,15 @@ def check_inputs(cfg: TrainConfig) -> None:
     both checkpoints complete, ``training.max_length`` within both models' context (from their
     config.json), and the outputs writable, with room for a checkpoint."""
     cfg.check_paths()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layouts = {"student": (cfg.parallel.tp, cfg.parallel.pp), "teacher": cfg.parallel.teacher_layout}
     for role in ("student", "teacher"):
         path = getattr(cfg, role)
         if not path:
             continue
-        read_metadata(path)
-        context = load_architecture(path).max_position_embeddings
+        meta, arch = read_metadata(path), load_architecture(path)
+        check_model_layout(role, path, arch, meta.padded_vocab_size, *layouts[role], world_size)
+        context = arch.max_position_embeddings
         if cfg.training.max_length > context:
             raise ConfigError(
                 f"training.max_length={cfg.training.max_length} exceeds the {role}'s context of {context} "
@@ -121,6 +117,22 @@ def check_inputs(cfg: TrainConfig) -> None:
         check_output_path(cfg.checkpoint.save, "checkpoint.save", exist_ok=True, expected_bytes=size)
     if cfg.logging.tensorboard_dir:
         check_output_path(cfg.logging.tensorboard_dir, "logging.tensorboard_dir", exist_ok=True)
+
+
+def check_model_layout(
+    role: str, path: str, arch: Architecture, padded_vocab: int, tp: int, pp: int, world_size: int
+) -> None:
+    """One model's TP x PP on ``world_size`` ranks: an error naming the model and what does not divide."""
+    try:
+        ParallelLayout(tp=tp, pp=pp, world_size=world_size)
+        check_layout(arch, tp, pp)
+        if padded_vocab % tp:
+            raise LayoutError(
+                f"TP={tp} does not divide the padded vocabulary {padded_vocab}; re-convert with a "
+                "--make-vocab-size-divisible-by that every TP in use divides"
+            )
+    except LayoutError as err:
+        raise LayoutError(f"the {role} ({path}) at TP={tp} x PP={pp}: {err}") from None
 
 
 class Trainer:
@@ -153,17 +165,23 @@ class Trainer:
             student.config.recompute_num_layers = 1
         self.teacher = None
         if cfg.teacher:
-            teacher_tokenizer = load_tokenizer(cfg.teacher)
-            self.teacher, _, teacher_meta = load_model(cfg.teacher, dtype=cfg.training.dtype, checksums=checksums)
             check_tokenizers_compatible(
-                teacher_tokenizer,
+                load_tokenizer(cfg.teacher),
                 self.tokenizer,
-                teacher_meta.padded_vocab_size,
+                read_metadata(cfg.teacher).padded_vocab_size,
                 self.meta.padded_vocab_size,
                 cfg.parallel.tp,
             )
-            self.teacher.eval().requires_grad_(False)
-            log.info("teacher %s checksum %.10e", cfg.teacher, model_checksum(self.teacher))
+            teacher_tp, teacher_pp = cfg.parallel.teacher_layout
+            self.teacher = Teacher(
+                cfg.teacher,
+                layout=ParallelLayout(tp=teacher_tp, pp=teacher_pp, world_size=self.layout.world_size),
+                student_layout=self.layout,
+                dtype=cfg.training.dtype,
+                cache_dtype=cfg.training.teacher_cache_dtype,
+                vocab_size=self.arch.vocab_size,
+                checksums=checksums,
+            )
         opt = cfg.optimizer
         self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(
             student,
@@ -270,23 +288,9 @@ class Trainer:
         )
 
     def _score(self, kind: BatchKind, batches: list[MicroBatch]) -> None:
-        """One teacher forward over ``batches``; on the last stage keep what ``kind``'s loss reads:
-        the logits (cache dtype, at the logit positions) and/or log p(label) [b, s] (temperature 1:
-        the reward uses the teacher as is)."""
-        if not kind.needs_teacher:
-            return
-        cache_dtype, vocab = DTYPES[self.cfg.training.teacher_cache_dtype], self.arch.vocab_size
-
-        def outputs(batch: MicroBatch, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
-            log_p = None
-            if kind.teacher_log_p:
-                labels, mask = batch.pick(batch.labels), batch.pick(batch.loss_mask)
-                log_p = token_log_probs(logits.float(), labels, mask, vocab_size=vocab, tp_group=self.tp_group)
-                log_p = batch.scatter(log_p)
-            return (logits.to(cache_dtype) if kind.teacher_logits else None), log_p
-
-        for batch, (logits, log_p) in zip(batches, forward_outputs(self.teacher, batches, outputs)):
-            batch.teacher_logits, batch.teacher_log_p = logits, log_p
+        """The teacher's outputs that ``kind``'s loss reads (:meth:`Teacher.score`), if any."""
+        if kind.needs_teacher:
+            self.teacher.score(kind, batches)
 
     def _teacher_logits_dtype(self) -> torch.dtype | None:
         """The dtype speculative rollouts keep the teacher's logits in; None: they keep none."""
@@ -339,7 +343,7 @@ class Trainer:
         ):
             chunk = slice(start, start + cfg.rollout.micro_batch_size)
             seeds = sample_seeds(cfg.seed + 7919 * (iteration + 1), torch.tensor(ids[chunk], device=self.device))
-            teacher = self.teacher if params.mix_alpha else None
+            teacher = self.teacher.sampler if params.mix_alpha else None
             rollouts.append(
                 generate(
                     self.model,
@@ -414,12 +418,18 @@ class Trainer:
         prompts, responses = self._examples(indices)
         if self.objective.samples == "teacher":  # drawn once per example: its seed is the example's
             max_new = cfg.training.max_length - cfg.training.max_prompt_length
+            params = cfg.rollout.sampling_params(max_new, (self.tokenizer.eos_id,), mix=False)
+            model, teacher = self.teacher.model, None
+            if self.teacher.own_layout:  # p~ = p at alpha = 1: the teacher's tokens, in the student's layout
+                params = dataclasses.replace(params, mix_alpha=1.0, speculative_k=0)
+                model, teacher = self.model, self.teacher.sampler
             rollout = generate(
-                self.teacher,
+                model,
                 prompts,
-                cfg.rollout.sampling_params(max_new, (self.tokenizer.eos_id,), mix=False),
+                params,
                 sample_seeds(cfg.seed, torch.tensor(indices, device=self.device)),
                 vocab_size=self.arch.vocab_size,
+                teacher=teacher,
                 pad_id=self.tokenizer.pad_id,
             )
             responses = response_tensors(rollout)[0]
