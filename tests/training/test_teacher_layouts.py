@@ -89,3 +89,39 @@ def test_teacher_on_its_own_layout_equals_the_shared_layout(tiny_pair, teacher_k
                 assert reference and all(reference)
                 for name in layouts[1:]:
                     assert per_rank[(algorithm, tuple(overrides), name)][1] == reference, (rank, name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "message"),
+    [
+        (
+            ["parallel.teacher_tp=4"],
+            4,
+            r"the teacher \(.*\) at TP=4 x PP=1: TP=4 does not divide the 2 key/value heads",
+        ),
+        (["parallel.teacher_pp=3"], 3, r"the teacher \(.*\) at TP=1 x PP=3: PP=3 does not divide the 4 layers"),
+        (
+            ["parallel.tp=2", "parallel.teacher_tp=1"],
+            3,
+            r"the student \(.*\) at TP=2 x PP=1: world size 3 is not divisible",
+        ),
+    ],
+)
+def test_each_model_layout_is_checked_before_loading(tiny_pair, monkeypatch, overrides, world_size, message):
+    from megatron_minillm.config import load_config
+    from megatron_minillm.parallel import LayoutError
+    from megatron_minillm.training.trainer import check_inputs
+
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    cfg = load_config(None, [a for a in _train_args(tiny_pair, *overrides) if "=" in a])
+    with pytest.raises(LayoutError, match=message):
+        check_inputs(cfg)
+
+
+def test_a_padded_vocabulary_both_tps_cannot_split_is_refused():
+    from megatron_minillm.parallel import LayoutError, ParallelLayout
+    from megatron_minillm.parallel.exchange import LayoutExchange
+
+    student, teacher = ParallelLayout(tp=2, world_size=4), ParallelLayout(tp=4, world_size=4)
+    with pytest.raises(LayoutError, match=r"padded vocabulary \(258\) is not divisible by the teacher's TP=4"):
+        LayoutExchange(student, teacher, padded_vocab=258)
