@@ -121,7 +121,8 @@ class Teacher:
 
         logits_rows = log_p_rows = None
         if len(mine):
-            per_row = self._score_rows(kind, sequences[mine.start : mine.stop], masks[mine.start : mine.stop], batches)
+            share = slice(mine.start, mine.stop)
+            per_row = self._score_rows(kind, sequences[share], masks[share], len(batches[0].tokens))
             if per_row is not None:
                 logits_rows, log_p_rows = per_row
         moved = {}
@@ -155,12 +156,11 @@ class Teacher:
                 batch.teacher_log_p = log_p
 
     def _score_rows(
-        self, kind: BatchKind, sequences: Tensor, masks: Tensor, like: list[MicroBatch]
+        self, kind: BatchKind, sequences: Tensor, masks: Tensor, size: int
     ) -> tuple[list[Tensor] | None, list[Tensor] | None] | None:
         """The teacher forward over its share of rows (``sequences`` [n, S + 1], ``masks`` [n, S]) in
-        micro-batches of the student's size; on the teacher's last stage, per row the logits at its
-        loss positions [n_r, V/TP_t] (cache dtype) and/or log p [n_r]; None elsewhere."""
-        size = len(like[0].tokens)
+        micro-batches of ``size`` rows; on the teacher's last stage, per row the logits at its loss
+        positions [n_r, V/TP_t] (cache dtype) and/or log p [n_r]; None elsewhere."""
         rows = len(sequences)
         padding = -rows % size  # the pipeline needs micro-batches of one shape: fill with empty rows
         sequences = torch.cat((sequences, sequences.new_zeros(padding, sequences.shape[1])))

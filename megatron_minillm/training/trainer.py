@@ -2,7 +2,8 @@
 :class:`~megatron_minillm.algorithms.Objective` (its batch kinds and its loss), not a branch here.
 
 Every rank runs the same code; the student is TP x PP x DP (megatron DDP + distributed optimizer),
-the teacher shares the TP x PP groups, frozen, without DDP or optimizer state. Per-token tensors
+the teacher (``training.teacher``) is frozen, without DDP or optimizer state, on the student's TP x PP
+groups or on its own layout, and delivers its outputs in the student's layout. Per-token tensors
 that only the loss needs (teacher logits, rewards, advantages) live in the micro-batches of the
 last pipeline stage.
 
