@@ -30,6 +30,14 @@ from megatron.core.tensor_parallel.layers import (
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl,
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.utils import get_pg_rank
 
 from megatron_minillm.models.attention import SDPADotProductAttention
 from megatron_minillm.models.hf_config import Architecture
@@ -99,7 +107,7 @@ def transformer_config(
     **overrides: Any,
 ) -> TransformerConfig:
     """The megatron TransformerConfig for ``arch`` at the TP x PP layout of ``pg_collection``'s groups
-    (None: megatron's global groups), dropout off."""
+    (None: megatron's global groups), dropout off. ``sequence_parallel=True`` is kept at TP > 1 only."""
     tp, pp = (dist.get_world_size(group) for group in model_parallel_groups(pg_collection))
     check_layout(arch, tp, pp)
     if dtype not in DTYPES:
@@ -136,21 +144,63 @@ def transformer_config(
         use_cpu_initialization=True,
     )
     kwargs.update(overrides)
-    if kwargs.get("sequence_parallel"):
-        # models/logits.py picks output positions from the full [s, b, h] sequence of the last stage.
-        raise LayoutError(
-            "sequence_parallel=True is not supported: the output layer runs at positions picked "
-            "from the full sequence (models/logits.py)"
-        )
+    if tp == 1:
+        # Nothing to split the sequence over; megatron refuses it, Megatron-LM turns it off.
+        kwargs["sequence_parallel"] = False
     return TransformerConfig(**kwargs)
 
 
+class TorchNorm:
+    """torch's LayerNorm / RMSNorm, as megatron's ``WrappedTorchNorm`` builds them, but also under
+    sequence parallelism.
+
+    megatron's refuses ``sequence_parallel`` because it does not tag its parameters: under SP each TP
+    rank normalises 1/TP of the sequence, so its weight/bias gradients are partial sums, and
+    ``finalize_model_grads`` sums them over TP only for parameters tagged ``sequence_parallel``
+    (as apex's and TE's norms tag theirs).
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        if config.layernorm_zero_centered_gamma or config.persist_layer_norm or config.memory_efficient_layer_norm:
+            raise ValueError("torch's norms have no zero-centred gamma, persistent or memory-efficient kernels")
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization {config.normalization!r} is not one of {sorted(norms)}")
+        norm = norms[config.normalization](hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _sequence_parallel_norm(norm: Any) -> Any:
+    """Ours for megatron's torch norm; apex's and TE's norms handle sequence parallelism themselves."""
+    return TorchNorm if norm is WrappedTorchNorm else norm
+
+
 def layer_spec(arch: Architecture) -> ModuleSpec:
+    """One transformer layer: TE's where it runs, else megatron's local one with SDPA attention."""
     if use_transformer_engine():
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization=arch.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    layer = spec.submodules
+    layer.input_layernorm = _sequence_parallel_norm(layer.input_layernorm)
+    layer.pre_mlp_layernorm = _sequence_parallel_norm(layer.pre_mlp_layernorm)
     return spec
+
+
+def block_spec(arch: Architecture, config: TransformerConfig, pp_group: dist.ProcessGroup) -> ModuleSpec:
+    """The decoder of this pipeline stage: its layers and the final norm. Spelled out (megatron
+    derives it from a layer spec) because megatron picks that norm from a module global, which
+    would be the torch norm that refuses sequence parallelism where neither TE nor apex imports."""
+    layers = get_num_layers_to_build(config, pp_rank=get_pg_rank(pp_group))
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(
+            layer_specs=[layer_spec(arch)] * layers,
+            layer_norm=_sequence_parallel_norm(LayerNormImpl),
+        ),
+    )
 
 
 def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
@@ -225,7 +275,7 @@ def build_model(
         )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch),
+        transformer_layer_spec=block_spec(arch, config, pp_group),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings + arch.position_offset,
         pre_process=is_pp_first_stage(pp_group),

@@ -4,7 +4,8 @@ megatron-core's ``StaticInferenceContext`` holds the cache; this class adds what
 needs on top: left padding (an attention mask hides pad positions, position ids count only real
 tokens), hidden states passed stage to stage, and vocab-parallel logits on the last stage (with an
 inference context GPTModel always gathers the vocabulary, so the last stage runs the output layer
-itself on this rank's slice).
+itself on this rank's slice). A student built with sequence parallelism decodes without it
+(``models.logits.sequence_parallel_off``): one new token per sequence cannot be split over TP ranks.
 
 Process groups come from the model, not from arguments: megatron-core's GPTModel keeps the
 ``pg_collection`` it was built with (megatron's global groups when it was built without one), so a
@@ -21,7 +22,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_
 from megatron.core.utils import unwrap_model
 from torch import Tensor
 
-from megatron_minillm.models.logits import decoder_output_only, output_logits
+from megatron_minillm.models.logits import decoder_output_only, output_logits, sequence_parallel_off
 
 
 class KVCacheDecoder:
@@ -59,7 +60,7 @@ class KVCacheDecoder:
             hidden = torch.empty(new, batch, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
             comm.recv_from_prev_pipeline_rank_(hidden, pp_group=self.pp_group)
             self.model.set_input_tensor(hidden)
-        with decoder_output_only(self.model):
+        with sequence_parallel_off(self.model), decoder_output_only(self.model):
             out = self.model(tokens, position_ids, masked, inference_context=self.context, runtime_gather_output=True)
         self.context.sequence_len_offset += new
         if not self.is_last:
