@@ -274,6 +274,14 @@ class TrainConfig:
                 "setting): teacher-mixed samples outside the student's top-k / top-p set have no log q"
             )
 
+        p = self.parallel
+        if p.sequence_parallel and p.tp > 1 and self.training.max_length % p.tp:
+            # Sequences of max_length tokens (L_PT chunks, PP > 1) are split over the TP ranks.
+            raise ConfigError(
+                f"parallel.sequence_parallel needs training.max_length ({self.training.max_length}) divisible "
+                f"by parallel.tp ({p.tp})"
+            )
+
     def check_paths(self) -> None:
         """The checkpoints and data a training run needs (the memory planner plans without them)."""
         if self.algorithm != "sft" and not self.teacher:

@@ -20,9 +20,9 @@ HOST_PLACEMENT = re.compile(
 
 
 def _train_and_evaluate_under_guard(paths: dict[str, Path]) -> dict:
-    """One MiniLLM iteration (teacher-mixed rollouts, one PPO step, L_PT), then an evaluation of the
-    student against the teacher (rollouts with top-k and top-p, teacher-forced scoring), all under the
-    guard at TP=2 x PP=2."""
+    """One MiniLLM iteration (teacher-mixed rollouts, one PPO step, L_PT) with the teacher on its own
+    layout, then an evaluation of the student against the teacher (rollouts with top-k and top-p,
+    teacher-forced scoring), all under the guard at TP=2 x PP=2."""
     from device_guard import device_guard
 
     from megatron_minillm.config import load_config
@@ -39,6 +39,7 @@ def _train_and_evaluate_under_guard(paths: dict[str, Path]) -> dict:
             f"pt_data={paths['pt']}",
             "parallel.tp=2",
             "parallel.pp=2",
+            "parallel.teacher_tp=1",  # the teacher on its own layout (TP=1 x PP=2 x DP=2): the exchange too
             "training.train_iters=1",
             "training.max_prompt_length=64",
             "training.max_length=80",

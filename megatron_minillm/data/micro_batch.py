@@ -69,14 +69,15 @@ def logit_positions(loss_mask: Tensor) -> Tensor:
     return loss_mask.reshape(-1).nonzero().squeeze(1)
 
 
-def sequence_length(lengths: Sequence[int], max_length: int, fixed: bool) -> int:
+def sequence_length(lengths: Sequence[int], max_length: int, fixed: bool, multiple: int = 8) -> int:
     """The [s] of a set of micro-batches holding sequences of ``lengths`` tokens: their longest - 1
-    (the last token is only a label) rounded up to a multiple of 8, at most ``max_length``; with
-    ``fixed`` (PP > 1: the pipeline sends fixed-size activations) always ``max_length``."""
+    (the last token is only a label) rounded up to a multiple of ``multiple`` (sequence parallelism
+    needs one that TP divides), at most ``max_length``; with ``fixed`` (PP > 1: the pipeline sends
+    fixed-size activations) always ``max_length``."""
     if fixed:
         return max_length
     longest = max((n - 1 for n in lengths), default=1)
-    return min(max_length, -(-longest // 8) * 8)
+    return min(max_length, -(-longest // multiple) * multiple)
 
 
 def pack(

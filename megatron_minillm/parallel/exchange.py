@@ -60,8 +60,8 @@ class LayoutExchange:
 
     def _teacher_bounds(self, num_rows: int) -> list[int]:
         """Row boundaries of the teacher DP groups' shares: group e serves [bounds[e], bounds[e + 1])."""
-        sizes = [len(part) for part in torch.arange(num_rows).tensor_split(self.teacher.dp)]  # host: sizes
-        return [sum(sizes[:e]) for e in range(self.teacher.dp + 1)]
+        per_group, extra = divmod(num_rows, self.teacher.dp)  # the first ``extra`` groups serve one more
+        return [e * per_group + min(e, extra) for e in range(self.teacher.dp + 1)]
 
     def teacher_rows(self, num_rows: int) -> range:
         """The global rows this rank's teacher DP group serves, of ``num_rows``."""

@@ -19,6 +19,7 @@ trains one optimizer step per iteration on the dataset's responses or the teache
 
 import dataclasses
 import logging
+import math
 import os
 import resource
 import time
@@ -160,7 +161,9 @@ class Trainer:
             check_dataset_matches(cfg.pt_data, self.tokenizer)
         self.pt_data = PretrainDataset(cfg.pt_data, cfg.training.max_length + 1) if pt_kind else None
         checksums = cfg.checkpoint.checksums
-        student, self.arch, self.meta = load_model(cfg.student, dtype=cfg.training.dtype, checksums=checksums)
+        student, self.arch, self.meta = load_model(
+            cfg.student, dtype=cfg.training.dtype, checksums=checksums, sequence_parallel=cfg.parallel.sequence_parallel
+        )
         if cfg.training.recompute:
             student.config.recompute_granularity, student.config.recompute_method = "full", "uniform"
             student.config.recompute_num_layers = 1
@@ -255,7 +258,10 @@ class Trainer:
         """Micro-batches of ``kind``; one optimizer step's share their [mbs, s] (see ``sequence_length``)."""
         t = self.cfg.training
         seq = sequence_length(
-            [len(p) + len(y) for p, y in zip(prompts, responses)], t.max_length, fixed=self.layout.pp > 1
+            [len(p) + len(y) for p, y in zip(prompts, responses)],
+            t.max_length,
+            fixed=self.layout.pp > 1,
+            multiple=math.lcm(8, self.layout.tp) if self.cfg.parallel.sequence_parallel else 8,
         )
         return pack(
             prompts,

@@ -78,8 +78,6 @@ def _round_trip(hf_dirs: dict[str, Path], work: Path) -> None:
         load_checkpoint(build_model(gpt2), work / "llama.mcore", gpt2)
     with pytest.raises(LayoutError, match="padded vocabulary 257 .* cannot be split over TP=2"):
         build_model(gpt2, padded_vocab=257)  # e.g. a checkpoint padded for another TP
-    with pytest.raises(LayoutError, match="sequence_parallel=True is not supported"):
-        build_model(gpt2, sequence_parallel=True)  # logits are picked from the full sequence
     wide = dataclasses.replace(gpt2, hidden_size=128, kv_channels=32)
     with pytest.raises(CheckpointMismatchError, match="cannot load"):
         load_checkpoint(build_model(wide), work / "gpt2.mcore")

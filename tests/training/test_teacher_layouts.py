@@ -1,7 +1,8 @@
 """The teacher on its own TP x PP layout beside the student (issue 18), against the shared layout.
 
 On 4 ranks the student runs TP=2 x DP=2 throughout; the teacher runs at the student's layout (the
-reference), at TP=4 (DP=1), at TP=1 x DP=4 and at TP=2 x PP=2 (DP=1). Its logits reach the student
+reference), at TP=4 (DP=1; here the student also runs with sequence parallelism), at TP=1 x DP=4 and
+at TP=2 x PP=2 (DP=1). Its logits reach the student
 re-split V/TP_t -> V/TP_s, and each teacher DP group serves rows of several student DP groups (or a
 part of one). Every run must draw the same rollouts (seeded) and log the same terms, within the
 tolerance of the student's own layout tests: the speculative sampler with the teacher's logits kept
@@ -17,10 +18,16 @@ from hf_zoo import llama_with_tokenizer
 from test_trainer import MINILLM_TERMS, _train_args
 from tokenizer_zoo import hf_tokenizer_dir
 
-TEACHER_LAYOUTS = {"shared": (0, 0), "tp4": (4, 1), "tp1": (1, 1), "tp2pp2": (2, 2)}
+# The teacher's layout (and, in one run, the student with sequence parallelism: the same terms again).
+TEACHER_LAYOUTS = {
+    "shared": [],
+    "tp4_sp": ["parallel.teacher_tp=4", "parallel.sequence_parallel=true"],
+    "tp1": ["parallel.teacher_tp=1"],
+    "tp2pp2": ["parallel.teacher_pp=2"],
+}
 # (algorithm, overrides, iterations, teacher layouts)
 RUNS = [
-    ("minillm", ["minillm.ppo_epochs=2"], 3, ["shared", "tp4", "tp1", "tp2pp2"]),
+    ("minillm", ["minillm.ppo_epochs=2"], 3, ["shared", "tp4_sp", "tp1", "tp2pp2"]),
     ("minillm", ["rollout.speculative_k=0", "rollout.reuse_teacher_logits=false"], 2, ["shared", "tp2pp2"]),
     ("kd", [], 2, ["shared", "tp1"]),
 ]
@@ -48,14 +55,12 @@ def _runs(tiny_pair: dict[str, Path], teacher: Path) -> dict:
     out = {}
     for algorithm, overrides, iterations, layouts in RUNS:
         for name in layouts:
-            tp, pp = TEACHER_LAYOUTS[name]
             args = _train_args(
                 tiny_pair,
                 f"teacher={teacher}",
                 f"algorithm={algorithm}",
                 "parallel.tp=2",
-                f"parallel.teacher_tp={tp}",
-                f"parallel.teacher_pp={pp}",
+                *TEACHER_LAYOUTS[name],
                 *overrides,
             )
             trainer = Trainer(load_config(None, [a for a in args if "=" in a]))
