@@ -1,15 +1,22 @@
-"""Per-GPU memory of a MiniLLM (or baseline) run, and the TP x PP x DP layouts that fit.
+"""Per-GPU memory of a MiniLLM (or baseline) run, and the layouts that fit.
 
     python tools/plan_memory.py --teacher llama-13b --student llama-7b --nodes 2 --gpus-per-node 8 \
         --gpu-memory-gb 80 --config examples/configs/minillm.yaml
     python tools/plan_memory.py --teacher /models/teacher --student gpt2 --tp 2 --pp 1 --dp 4 --json
+    python tools/plan_memory.py --teacher llama-70b --student llama-7b --nodes 4 --tp 1 --teacher-tp 8 \
+        --teacher-pp 1 --micro-batch-size 2 --config examples/recipes/llama-70b_to_llama-7b/minillm.yaml
 
 Models: an HF directory, a config.json, or a known name (gpt2, gpt2-medium, gpt2-large, gpt2-xl,
-opt-1.3b, opt-13b, llama-7b, llama-13b, llama-70b, smollm2-135m). With --tp/--pp/--dp the breakdown
-of that layout is printed (first and last pipeline stage); always, the layouts of --nodes x
---gpus-per-node GPUs that fit in --headroom x --gpu-memory-gb. Batch and length options default to
-the training config given with --config (examples/configs/minillm.yaml), else to the config's
-defaults (bf16). Formulas and their validation: docs/memory.md. Exit status 2 with one message on bad input.
+opt-1.3b, opt-13b, llama-7b, llama-13b, llama-70b, smollm2-135m). With --tp/--pp/--dp (and
+--teacher-tp/--teacher-pp for a teacher on its own layout, --sequence-parallel) the breakdown of
+that layout is printed (first and last pipeline stage; with two layouts the stage pairs of the
+ranks); always, the shared layouts of --nodes x --gpus-per-node GPUs that fit in --headroom x
+--gpu-memory-gb, then the search over (student layout, teacher layout, sequence parallelism) with
+the recommended one (``planning.search_layouts``: the rule is in its docstring and docs/memory.md)
+and the config keys that run it. Batch and length options default to the training config given
+with --config (examples/configs/minillm.yaml), else to the config's defaults (bf16). --json prints
+all of it as one JSON object instead. Formulas and their validation: docs/memory.md. Exit status 2
+with one message on bad input.
 """
 
 import argparse
@@ -27,6 +34,7 @@ from megatron_minillm.planning.memory import (
     format_breakdown,
     plan_memory,
     resolve_model,
+    search_layouts,
     suggest_layouts,
 )
 
@@ -35,6 +43,9 @@ FLAG_KEYS = {
     "algorithm": "algorithm",
     "tp": "parallel.tp",
     "pp": "parallel.pp",
+    "teacher_tp": "parallel.teacher_tp",
+    "teacher_pp": "parallel.teacher_pp",
+    "sequence_parallel": "parallel.sequence_parallel",
     "micro_batch_size": "training.micro_batch_size",
     "global_batch_size": "training.global_batch_size",
     "max_prompt_length": "training.max_prompt_length",
@@ -76,6 +87,15 @@ def main() -> int:
     parser.add_argument("--tp", type=int)
     parser.add_argument("--pp", type=int)
     parser.add_argument("--dp", type=int)
+    parser.add_argument("--teacher-tp", type=int, help="the teacher's own TP (0: the student's)")
+    parser.add_argument("--teacher-pp", type=int, help="the teacher's own PP (0: the student's)")
+    parser.add_argument(
+        "--sequence-parallel", action="store_true", default=None, help="sequence parallelism for the student"
+    )
+    parser.add_argument(
+        "--padded-vocab", type=int, help="the converted checkpoints' padded vocabulary (default: padded for the TPs)"
+    )
+    parser.add_argument("--max-tp", type=int, default=8, help="largest TP the search tries (within a node)")
     parser.add_argument("--algorithm", choices=list(OBJECTIVES))
     parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--global-batch-size", type=int)
@@ -96,35 +116,42 @@ def main() -> int:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
-    if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_memory_gb <= 0:
-        raise PlanError("--nodes, --gpus-per-node and --gpu-memory-gb must be positive")
+    if args.gpus_per_node < 1 or args.nodes < 1 or args.gpu_memory_gb <= 0 or args.max_tp < 1:
+        raise PlanError("--nodes, --gpus-per-node, --gpu-memory-gb and --max-tp must be positive")
+    if args.padded_vocab is not None and args.padded_vocab < 1:
+        raise PlanError(f"--padded-vocab must be positive, got {args.padded_vocab}")
     student = resolve_model(args.student)
     teacher = resolve_model(args.teacher) if args.teacher else None
     if teacher is None and cfg.algorithm != "sft":
         raise PlanError(f"algorithm {cfg.algorithm} needs --teacher")
     world = args.nodes * args.gpus_per_node
-    explicit = any(x is not None for x in (args.tp, args.pp, args.dp))
+    layout_flags = (args.tp, args.pp, args.dp, args.teacher_tp, args.teacher_pp)
+    explicit = any(x is not None for x in layout_flags)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = (args.dp if args.dp is not None else max(world // (tp * pp), 1)) if explicit else 1
     # L_PT as the config has it; without --config, planned unless --no-pt-data
     pt_data = (bool(cfg.pt_data) if args.config else True) and not args.no_pt_data
-    base = PlanConfig.from_train(cfg, dp, pt_data=pt_data)
+    base = PlanConfig.from_train(cfg, dp, pt_data=pt_data, padded_vocab=args.padded_vocab)
     memory = args.gpu_memory_gb * GiB
     out: dict = {"config": dataclasses.asdict(base), "gpu_memory_bytes": memory, "headroom": args.headroom}
     breakdown = None
     if explicit:
         breakdown = plan_memory(teacher, student, base)
         out["layout"] = {"tp": tp, "pp": pp, "dp": dp, "breakdown": [b.to_dict() for b in breakdown]}
-    layouts = suggest_layouts(
-        teacher,
-        student,
-        base,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        gpu_memory_bytes=memory,
-        headroom=args.headroom,
-    )
+        if teacher is not None:
+            out["layout"] |= {
+                "teacher_tp": base.teacher_tp,
+                "teacher_pp": base.teacher_pp,
+                "teacher_dp": base.teacher_dp,
+            }
+        out["layout"]["sequence_parallel"] = base.sequence_parallel
+    hardware = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_bytes=memory, headroom=args.headroom)
+    layouts = suggest_layouts(teacher, student, base, **hardware)
     out["suggestions"] = [dataclasses.asdict(x) for x in layouts[: args.max_suggestions]]
+    searched = search_layouts(teacher, student, base, max_tp=args.max_tp, **hardware)
+    best = searched[0] if searched else None
+    out["search"] = [dataclasses.asdict(x) for x in searched[: args.max_suggestions]]
+    out["recommendation"] = None if best is None else dataclasses.asdict(best) | {"overrides": best.overrides()}
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -138,18 +165,41 @@ def _run(args: argparse.Namespace) -> int:
         f"{'on' if cfg.optimizer.use_distributed_optimizer else 'off'}"
     )
     if breakdown is not None:
-        print(f"\nlayout TP={tp} PP={pp} DP={dp}:")
+        own = f", teacher TP={base.teacher_tp} PP={base.teacher_pp} DP={base.teacher_dp}"
+        print(
+            f"\nlayout TP={tp} PP={pp} DP={dp}"
+            + (own if teacher is not None and base.own_teacher_layout else "")
+            + f", sequence parallel {'on' if base.sequence_parallel else 'off'}:"
+        )
         print(format_breakdown(breakdown, memory))
         if tp * pp * dp != world:
             print(f"note: TP x PP x DP = {tp * pp * dp} is not the {world} GPUs of --nodes x --gpus-per-node")
+    fit = f"{args.nodes} x {args.gpus_per_node} GPUs that fit in {args.headroom:.0%} of {args.gpu_memory_gb:g} GiB"
     print(
-        f"\nlayouts of {args.nodes} x {args.gpus_per_node} GPUs that fit in {args.headroom:.0%} of "
-        f"{args.gpu_memory_gb:g} GiB (fewest model-parallel GPUs first):"
+        f"\nlayouts{' shared by teacher and student' if teacher else ''} of {fit} (fewest model-parallel GPUs first):"
     )
     if not layouts:
         print("  none: try more GPUs, --recompute, smaller micro-batches or rollout micro-batches")
     for x in layouts[: args.max_suggestions]:
         print(f"  TP={x.tp:<2d} PP={x.pp:<2d} DP={x.dp:<3d} peak {x.peak_bytes / GiB:7.2f} GiB ({x.peak_phase})")
+    print(
+        f"\nsearch: student{' and teacher' if teacher else ''} layouts (TP <= {args.max_tp} within a node) "
+        f"and sequence parallelism, of {fit}; fewest student model-parallel GPUs, then fewest "
+        f"{'student and teacher ' if teacher else ''}pipeline stages, then lowest peak:"
+    )
+    print(
+        f"  {'student TP x PP x DP':22s}{'teacher TP x PP x DP':22s}{'SP':5s}{'micro-batch':>12s}{'peak GiB':>10s}  phase"
+    )
+    for x in searched[: args.max_suggestions]:
+        teacher_layout = f"{x.teacher_tp} x {x.teacher_pp} x {x.teacher_dp}" if teacher else "-"
+        print(
+            f"  {f'{x.tp} x {x.pp} x {x.dp}':22s}{teacher_layout:22s}{'on' if x.sequence_parallel else 'off':5s}"
+            f"{x.micro_batch_size:12d}{x.peak_bytes / GiB:10.2f}  {x.peak_phase}"
+        )
+    if best is None:
+        print("  none: try more GPUs, --recompute, smaller micro-batches or rollout micro-batches")
+    else:
+        print(f"recommended ({best.peak_bytes / GiB:.2f} GiB, {best.peak_phase}): {' '.join(best.overrides())}")
     return 0
 
 

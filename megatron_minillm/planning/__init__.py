@@ -9,6 +9,7 @@ from megatron_minillm.planning.memory import (
     format_breakdown,
     plan_memory,
     resolve_model,
+    search_layouts,
     stage_parameters,
     suggest_layouts,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "format_breakdown",
     "plan_memory",
     "resolve_model",
+    "search_layouts",
     "stage_parameters",
     "suggest_layouts",
 ]
