@@ -155,8 +155,10 @@ def test_recipe_layouts_fit_the_real_models(recipe):
         cfg = load_config(str(folder / config))
         t, opt, rollout, m = cfg.training, cfg.optimizer, cfg.rollout, cfg.minillm
         layout = ParallelLayout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, world_size=world)
+        teacher_layout = ParallelLayout(*cfg.parallel.teacher_layout, world_size=world)  # its own, or the student's
         for name in models:
-            check_layout(arch[name], layout.tp, layout.pp)
+            own = name == teacher_name and config == "minillm.yaml"
+            check_layout(arch[name], *((teacher_layout.tp, teacher_layout.pp) if own else (layout.tp, layout.pp)))
         assert t.global_batch_size % (t.micro_batch_size * layout.dp) == 0, (config, layout)
         assert t.dtype == "bf16" and t.max_length == 512 and t.max_prompt_length == 256
         if cfg.algorithm == "minillm":
@@ -183,7 +185,9 @@ def test_recipe_layouts_fit_the_real_models(recipe):
     padded = {padded_vocab_size(arch[name].vocab_size, tp) for name in arch}
     assert len(padded) == 1, padded
     for config in ("sft_teacher.yaml", "sft.yaml", "minillm.yaml"):
-        assert next(iter(padded)) % load_config(str(folder / config)).parallel.tp == 0, config
+        parallel = load_config(str(folder / config)).parallel
+        for split in (parallel.tp, parallel.teacher_layout[0]):
+            assert next(iter(padded)) % split == 0, (config, split)
     for name, tasks in (
         (teacher_name, _default(convert, "TEACHER_TASKS")),
         *((s, _default(convert, "STUDENT_TASKS")) for s in students),
@@ -195,6 +199,31 @@ def test_recipe_layouts_fit_the_real_models(recipe):
     eval_tp = int(_default(evaluate, "TP"))
     for name in arch:
         check_layout(arch[name], eval_tp, 1)
+
+
+# The recipes whose MiniLLM layout (student and teacher, sequence parallelism, micro-batch) is the
+# memory planner's recommendation for their nodes of 8 x 80 GB GPUs.
+PLANNED = ("llama-70b_to_llama-7b", "opt-13b_to_opt-1.3b")
+
+
+@pytest.mark.parametrize("recipe", PLANNED)
+def test_recipe_layout_is_the_planners_recommendation(recipe):
+    """``tools/plan_memory.py``'s search (``planning.search_layouts``) on the recipe's nodes, with its
+    minillm.yaml and the padded vocabulary of its conversion, recommends the layout the YAML sets."""
+    from megatron_minillm.planning import PlanConfig, search_layouts
+
+    folder = RECIPES / recipe
+    teacher_name, (student_name,), _ = RECIPE_MODELS[recipe]
+    teacher, student = (architecture_from_dict(HF_CONFIGS[name]) for name in (teacher_name, student_name))
+    cfg = load_config(str(folder / "minillm.yaml"))
+    padded = padded_vocab_size(student.vocab_size, int(_default(folder / "convert.sbatch", "TP")))
+    plan = PlanConfig.from_train(cfg, padded_vocab=padded)
+    nodes = int(_directives(folder / "train.sbatch")["nodes"])
+    best = search_layouts(teacher, student, plan, nodes=nodes, gpus_per_node=8, gpu_memory_bytes=80 * 2**30)[0]
+    p, t = cfg.parallel, cfg.training
+    recommended = (best.tp, best.pp, best.teacher_tp, best.teacher_pp, best.sequence_parallel, best.micro_batch_size)
+    assert recommended == (p.tp, p.pp, *p.teacher_layout, p.sequence_parallel, t.micro_batch_size), best
+    assert (best.teacher_tp, best.teacher_pp) != (best.tp, best.pp)  # the teacher on its own layout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -555,7 +584,8 @@ def test_recipes_launch_through_their_sbatch_files(cluster):
     # The other families share the data (same test tokenizer): only their models are converted.
     for family in ("opt", "llama"):
         (data / family).symlink_to(data / "gpt2")
-    # OPT: converted at TP=1 (vocabulary 600 padded to 640), trained at TP=2 x DP=1.
+    # OPT: converted at TP=1 (vocabulary 600 padded to 640); the student at TP=1 x DP=2, the teacher on
+    # its own TP=2 x DP=1 (the recipe's shape: the student data-parallel, the teacher tensor-parallel).
     _sbatch(cluster, "opt-13b_to_opt-1.3b", "convert.sbatch", TP="1", TEACHER_TASKS="1", STUDENT_TASKS="1")
     run = _sbatch(
         cluster,
@@ -564,10 +594,11 @@ def test_recipes_launch_through_their_sbatch_files(cluster):
         "minillm",
         TEACHER_CKPT=str(ckpt / "opt-13b"),
         SFT_CKPT=str(ckpt / "opt-1.3b"),
-        EXTRA_ARGS=TINY_MINILLM + " parallel.tp=2",
+        EXTRA_ARGS=TINY_MINILLM + " parallel.tp=1 parallel.teacher_tp=2 parallel.teacher_pp=1",
     )
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-opt-1.3b" / "iter_0000001").is_dir()
-    # LLaMA-13B -> 7B at PP=2; LLaMA-2-70B (grouped-query attention) -> 7B at TP=2 on the same stand-ins.
+    # LLaMA-13B -> 7B at PP=2; LLaMA-2-70B (grouped-query attention) -> 7B on the same stand-ins, the student
+    # at TP=1 x DP=2 and the teacher on its own TP=2 x DP=1.
     _sbatch(cluster, "llama-13b_to_llama-7b", "convert.sbatch", TP="1", TEACHER_TASKS="1", STUDENT_TASKS="1")
     run = _sbatch(
         cluster,
@@ -590,6 +621,6 @@ def test_recipes_launch_through_their_sbatch_files(cluster):
         "minillm",
         TEACHER_CKPT=str(ckpt / "llama-2-70b"),
         SFT_CKPT=str(ckpt / "llama-2-7b"),
-        EXTRA_ARGS=TINY_MINILLM + " parallel.tp=2 parallel.pp=1",
+        EXTRA_ARGS=TINY_MINILLM + " parallel.tp=1 parallel.pp=1 parallel.teacher_tp=2 parallel.teacher_pp=1",
     )
     assert len(_iterations(run.stdout)) == 1 and (ckpt / "minillm-llama-2-7b" / "iter_0000001").is_dir()
