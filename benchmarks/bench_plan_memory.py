@@ -187,6 +187,7 @@ def worker(name: str) -> None:
     from megatron_minillm.planning import PlanConfig, plan_memory
     from megatron_minillm.training import trainer as trainer_module
     from megatron_minillm.training.optimizer import setup_model_and_optimizer
+    from megatron_minillm.training.teacher import Teacher
 
     spec = CONFIGS[name]
     layout_keys = (f"parallel.tp={spec['tp']}", f"parallel.pp={spec['pp']}", f"training.dtype={spec['dtype']}")
@@ -206,7 +207,12 @@ def worker(name: str) -> None:
     t.objective = MiniLLM(cfg, student_arch.vocab_size, tp_group=t.tp_group)
     t._check_batches()
     student = build_model(student_arch, dtype=t_cfg.dtype)
-    t.teacher = build_model(teacher_arch, dtype=t_cfg.dtype).eval().requires_grad_(False)
+    t.teacher = Teacher(
+        build_model(teacher_arch, dtype=t_cfg.dtype),
+        student_layout=layout,
+        cache_dtype=t_cfg.teacher_cache_dtype,
+        vocab_size=student_arch.vocab_size,
+    )
     t.model, t.optimizer, t.scheduler = setup_model_and_optimizer(
         student,
         OptimizerConfig(

@@ -13,6 +13,7 @@ import logging
 
 import torch
 import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor
 
 from megatron_minillm.algorithms import BatchKind
@@ -38,10 +39,29 @@ def model_checksum(model: torch.nn.Module) -> float:
 
 
 class Teacher:
-    """A teacher checkpoint loaded for training (see the module doc)."""
+    """A frozen teacher model for training (see the module doc): built on the student's groups
+    (``groups`` None) or on its own (``groups``: its ``new_model_groups``)."""
 
     def __init__(
         self,
+        model: torch.nn.Module,
+        *,
+        student_layout: ParallelLayout,
+        cache_dtype: str,
+        vocab_size: int,
+        groups: ProcessGroupCollection | None = None,
+    ) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.groups, self.own_layout = groups, groups is not None
+        self.tp_group = model.pg_collection.tp
+        tp, pp = (dist.get_world_size(group) for group in model_parallel_groups(groups))
+        self.layout = ParallelLayout(tp=tp, pp=pp, world_size=student_layout.world_size)
+        self.exchange = LayoutExchange(student_layout, self.layout, model.vocab_size) if groups else None
+        self.cache_dtype, self.vocab_size = DTYPES[cache_dtype], vocab_size
+
+    @classmethod
+    def load(
+        cls,
         path: str,
         *,
         layout: ParallelLayout,
@@ -50,23 +70,24 @@ class Teacher:
         cache_dtype: str,
         vocab_size: int,
         checksums: bool,
-    ) -> None:
-        self.own_layout = (layout.tp, layout.pp) != (student_layout.tp, student_layout.pp)
-        self.groups = new_model_groups(layout) if self.own_layout else None
-        self.model, self.arch, self.meta = load_model(path, dtype=dtype, checksums=checksums, pg_collection=self.groups)
-        self.model.eval().requires_grad_(False)
-        self.tp_group = self.model.pg_collection.tp
-        self.layout, self.student_layout = layout, student_layout
-        self.exchange = LayoutExchange(student_layout, layout, self.meta.padded_vocab_size) if self.own_layout else None
-        self.cache_dtype, self.vocab_size = DTYPES[cache_dtype], vocab_size
+    ) -> "Teacher":
+        """Load the checkpoint at ``layout``: on the student's groups when the TP x PP are the
+        student's, else on groups of its own."""
+        own = (layout.tp, layout.pp) != (student_layout.tp, student_layout.pp)
+        groups = new_model_groups(layout) if own else None
+        model, _, _ = load_model(path, dtype=dtype, checksums=checksums, pg_collection=groups)
+        teacher = cls(
+            model, student_layout=student_layout, cache_dtype=cache_dtype, vocab_size=vocab_size, groups=groups
+        )
         log.info(
             "teacher %s at TP=%d x PP=%d x DP=%d, checksum %.10e",
             path,
             layout.tp,
             layout.pp,
             layout.dp,
-            model_checksum(self.model),
+            model_checksum(model),
         )
+        return teacher
 
     @property
     def sampler(self) -> torch.nn.Module | CrossLayoutTeacher:

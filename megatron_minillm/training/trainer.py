@@ -46,6 +46,7 @@ from megatron_minillm.data.micro_batch import MicroBatch, pack, sequence_length
 from megatron_minillm.models import Architecture, load_architecture
 from megatron_minillm.models.builder import DTYPES, check_layout
 from megatron_minillm.parallel import LayoutError, ParallelLayout, init_distributed
+from megatron_minillm.parallel.initialize import env_from_slurm
 from megatron_minillm.paths import check_output_path
 from megatron_minillm.planning.memory import stage_parameters
 from megatron_minillm.platform import device, is_cuda
@@ -100,6 +101,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     both checkpoints complete, ``training.max_length`` within both models' context (from their
     config.json), and the outputs writable, with room for a checkpoint."""
     cfg.check_paths()
+    env_from_slurm(os.environ)  # under srun the world size is SLURM's, as init_distributed reads it
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layouts = {"student": (cfg.parallel.tp, cfg.parallel.pp), "teacher": cfg.parallel.teacher_layout}
     for role in ("student", "teacher"):
@@ -177,7 +179,7 @@ class Trainer:
                 cfg.parallel.tp,
             )
             teacher_tp, teacher_pp = cfg.parallel.teacher_layout
-            self.teacher = Teacher(
+            self.teacher = Teacher.load(
                 cfg.teacher,
                 layout=ParallelLayout(tp=teacher_tp, pp=teacher_pp, world_size=self.layout.world_size),
                 student_layout=self.layout,
