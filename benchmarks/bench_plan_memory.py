@@ -133,13 +133,10 @@ class _Prompts:
     """data[i] -> (prompt ids, response ids), full-length prompts of ids below the vocabulary."""
 
     def __init__(self, n: int, length: int, vocab: int) -> None:
-        import torch
+        import numpy as np
 
-        gen = torch.Generator().manual_seed(0)
-        self.items = [
-            (torch.randint(1, vocab, (length,), generator=gen), torch.randint(1, vocab, (8,), generator=gen))
-            for _ in range(n)
-        ]
+        rng = np.random.default_rng(0)  # numpy arrays, as the indexed datasets return
+        self.items = [(rng.integers(1, vocab, size=length), rng.integers(1, vocab, size=8)) for _ in range(n)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -191,7 +188,7 @@ def worker(name: str) -> None:
 
     spec = CONFIGS[name]
     layout_keys = (f"parallel.tp={spec['tp']}", f"parallel.pp={spec['pp']}", f"training.dtype={spec['dtype']}")
-    cfg = load_config(None, ["student=-", "teacher=-", "data=-", "pt_data=-", *layout_keys, *RUN])
+    cfg = load_config(None, ["student=unused", "teacher=unused", "data=unused", "pt_data=unused", *layout_keys, *RUN])
     t_cfg, opt = cfg.training, cfg.optimizer
     layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.seed)
     torch.set_num_threads(1)

@@ -532,6 +532,14 @@ def _stage_breakdown(
         rollout_cache = step_cache = 0.0
     terms["teacher logits cache (rollouts)"] = rollout_cache
     terms["teacher logits cache (L_PT/KD step)"] = step_cache
+    # Speculative rollouts keep the teacher's logits of every position they sample, [rollouts,
+    # max_new, V/TP_s] in the cache dtype (rollout.reuse_teacher_logits), until the trainer copies
+    # them into the micro-batches in place of a scoring forward.
+    r = cfg.train.rollout
+    reuse = bool(on_policy and teacher and main.needs_teacher and r.mix_alpha and r.speculative_k)
+    reuse = reuse and r.reuse_teacher_logits
+    kept = local_rollouts * (t.max_length - t.max_prompt_length) * vocab_s * cache_B if reuse and last else 0.0
+    terms["teacher logits kept by the rollouts"] = kept
 
     # ---- training activations: 1F1B keeps min(PP - stage, micro-batches) in flight on this stage
     micro_per_step = local_batch // mbs * len(train_kinds)
@@ -631,7 +639,13 @@ def _stage_breakdown(
                 forward = max(layer, share + L_t * (1 + copy) + fp32_copy)
             return max(forward, 2 * share + 2 * mine)
 
-        if own:
+        if reuse:  # the rollouts' logits and their copy in the cache, no scoring forward
+            score = kept + rollout_cache
+            if step_cache:
+                score_pt = rollout_cache + (
+                    scoring_own(step_kind, local_batch) if own else scoring(step_kind, step_cache)
+                )
+        elif own:
             if on_policy:
                 score = scoring_own(main, local_rollouts)
                 if step_cache:
@@ -646,7 +660,7 @@ def _stage_breakdown(
             score_pt = scoring(main, step_cache)
 
     phases = {
-        "rollout": persistent + kv + prefill if kv else persistent,
+        "rollout": persistent + kept + (kv + prefill if kv else 0.0),
         "score": persistent + score,
         "score (L_PT/KD, per step)": persistent + score_pt,
         "train": persistent + rollout_cache + step_cache + activations + logits_peak,

@@ -325,6 +325,8 @@ class Trainer:
                 log_p = torch.zeros_like(batch.loss_mask)
                 log_p[batch.loss_mask.bool()] = torch.cat([lp[:n] for (_, lp), n in zip(rows, counts)])
                 batch.teacher_log_p = log_p
+        for rollout in rollouts:  # copied into the micro-batches: [b, T, V/TP] each, not kept for training
+            rollout.teacher_logits = None
 
     def _train_step(self, batches: list[MicroBatch], iteration: int) -> list[dict]:
         token_normalize(batches, self.dp, self.dp_group)

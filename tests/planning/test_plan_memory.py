@@ -231,7 +231,15 @@ def test_teacher_on_its_own_layout():
     persistent = sum(b.terms[k] for k in ("student weights", "teacher weights", "student grads (fp32 DDP buffer)"))
     persistent += b.terms["optimizer state"]
     share, mine = 64 * 256 * V // 8 * 2, rollout_cache
-    assert b.phases["score"] == pytest.approx(persistent + 2 * share + 2 * mine, rel=1e-12)
+    (scored,) = plan_memory(teacher, student, plan(*keys, "parallel.teacher_tp=8", "rollout.speculative_k=0", dp=32))
+    assert scored.phases["score"] == pytest.approx(persistent + 2 * share + 2 * mine, rel=1e-12)
+    # speculative rollouts (the default) keep the teacher's logits of their 8 x 256 positions instead,
+    # [8, 256, V/TP_s] until copied into the cache: no scoring forward
+    kept = 8 * 256 * V * 2
+    assert b.terms["teacher logits kept by the rollouts"] == kept
+    assert b.phases["score"] == pytest.approx(persistent + kept + rollout_cache, rel=1e-12)
+    assert b.phases["rollout"] - scored.phases["rollout"] == pytest.approx(kept, rel=1e-12)
+    assert scored.terms["teacher logits kept by the rollouts"] == 0
     # weights per rank scale with 1 / (TP_t x PP_t) (up to replicated norms and the embeddings' stages)
     (tp4,) = plan_memory(teacher, student, plan(*keys, "parallel.teacher_tp=4", dp=32, padded_vocab=V))
     assert tp4.terms["teacher weights"] / b.terms["teacher weights"] == pytest.approx(2, rel=2e-3)
