@@ -30,8 +30,13 @@ RUNS = [
     ("minillm", ["minillm.ppo_epochs=2"], 3, ["shared", "tp4_sp", "tp1", "tp2pp2"]),
     ("minillm", ["rollout.speculative_k=0", "rollout.reuse_teacher_logits=false"], 2, ["shared", "tp2pp2"]),
     ("kd", [], 2, ["shared", "tp1"]),
+    ("seqkd", [], 2, ["shared", "tp1"]),  # own layout: the teacher's samples through its decoder at alpha = 1
 ]
-TERMS = {"minillm": (*MINILLM_TERMS, "response length"), "kd": ("kd loss", "lm loss")}
+TERMS = {
+    "minillm": (*MINILLM_TERMS, "response length"),
+    "kd": ("kd loss", "lm loss"),
+    "seqkd": ("lm loss", "response length"),
+}
 
 
 @pytest.fixture(scope="module")
