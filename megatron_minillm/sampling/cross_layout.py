@@ -41,8 +41,7 @@ class CrossLayoutDecoder:
         # The logits arrive in the student's layout: its vocabulary split and its last stage.
         self.tp_group, self.pp_group = student.tp_group, student.pp_group
         self.is_last, self.device = student.is_last, student.device
-        self.batch_size = student.context.max_batch_size
-        self.num_rows = self.batch_size * self.exchange.student.dp
+        self.num_rows = student.context.max_batch_size * self.exchange.student.dp
         self.rows = self.exchange.teacher_rows(self.num_rows)
         self.max_length = max_length
         self.decoder: KVCacheDecoder | None = None  # built at the prefill, for the widest prompt batch

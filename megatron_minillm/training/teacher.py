@@ -38,6 +38,25 @@ def model_checksum(model: torch.nn.Module) -> float:
     return total.item()
 
 
+def set_teacher_outputs(batch: MicroBatch, logits: list[Tensor] | None, log_p: list[Tensor] | None) -> None:
+    """``batch.teacher_logits`` / ``teacher_log_p`` from per-row values at each row's loss
+    positions, in order (logits [n_r, V/TP], log p [n_r]; None: not wanted): the logits as the loss
+    reads them ([1, n, V/TP] at the logit positions, or [b, s, V/TP] with zeros elsewhere), log p as
+    [b, s]. For scores that did not come from a forward over ``batch`` itself."""
+    where = batch.loss_mask.bool()
+    if logits is not None:
+        values = torch.cat(logits)  # [n, V/TP], row-major like the logit positions
+        if batch.logit_positions is None:
+            full = values.new_zeros(*batch.tokens.shape, values.shape[-1])
+            full[where] = values
+            batch.teacher_logits = full
+        else:
+            batch.teacher_logits = values[None]
+    if log_p is not None:
+        batch.teacher_log_p = torch.zeros_like(batch.loss_mask)
+        batch.teacher_log_p[where] = torch.cat(log_p)
+
+
 class Teacher:
     """A frozen teacher model for training (see the module doc): built on the student's groups
     (``groups`` None) or on its own (``groups``: its ``new_model_groups``)."""
@@ -162,19 +181,9 @@ class Teacher:
         for batch in batches:
             rows = range(start, start + len(batch.tokens))
             start = rows.stop
-            where = batch.loss_mask.bool()
-            if "logits" in moved:
-                values = torch.cat([moved["logits"][r] for r in rows])  # [n, V/TP_s], row-major
-                if batch.logit_positions is None:  # full logits [b, s, V/TP_s], zeros off the loss positions
-                    full = values.new_zeros(*batch.tokens.shape, values.shape[-1])
-                    full[where] = values
-                    batch.teacher_logits = full
-                else:
-                    batch.teacher_logits = values[None]
-            if "log_p" in moved:
-                log_p = torch.zeros_like(batch.loss_mask)
-                log_p[where] = torch.cat([moved["log_p"][r][:, 0] for r in rows])
-                batch.teacher_log_p = log_p
+            logits = [moved["logits"][r] for r in rows] if "logits" in moved else None
+            log_p = [moved["log_p"][r][:, 0] for r in rows] if "log_p" in moved else None
+            set_teacher_outputs(batch, logits, log_p)
 
     def _score_rows(
         self, kind: BatchKind, sequences: Tensor, masks: Tensor, size: int

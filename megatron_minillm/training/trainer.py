@@ -55,7 +55,7 @@ from megatron_minillm.sampling.rollout import SpeculationStats
 from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
 from megatron_minillm.training.optimizer import setup_model_and_optimizer
 from megatron_minillm.training.schedule import train_step
-from megatron_minillm.training.teacher import Teacher
+from megatron_minillm.training.teacher import Teacher, set_teacher_outputs
 
 log = logging.getLogger("megatron_minillm.train")
 
@@ -319,12 +319,11 @@ class Trainer:
         for batch in batches:
             rows, per_sample = per_sample[: len(batch.tokens)], per_sample[len(batch.tokens) :]
             counts = batch.loss_mask.sum(1).long().tolist()  # host-side: each row's response length
-            if kind.teacher_logits:  # [1, n, V/TP] at the logit positions: each row's responses in order
-                batch.teacher_logits = torch.cat([logits[:n] for (logits, _), n in zip(rows, counts)])[None]
-            if kind.teacher_log_p:
-                log_p = torch.zeros_like(batch.loss_mask)
-                log_p[batch.loss_mask.bool()] = torch.cat([lp[:n] for (_, lp), n in zip(rows, counts)])
-                batch.teacher_log_p = log_p
+            set_teacher_outputs(
+                batch,
+                [logits[:n] for (logits, _), n in zip(rows, counts)] if kind.teacher_logits else None,
+                [lp[:n] for (_, lp), n in zip(rows, counts)] if kind.teacher_log_p else None,
+            )
         for rollout in rollouts:  # copied into the micro-batches: [b, T, V/TP] each, not kept for training
             rollout.teacher_logits = None
 
