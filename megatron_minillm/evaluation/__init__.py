@@ -14,7 +14,14 @@ from megatron_minillm.evaluation.metrics import (
     next_token_ece,
     rouge_l,
 )
-from megatron_minillm.evaluation.report import ModelResults, markdown_table, to_json, write_report
+from megatron_minillm.evaluation.report import (
+    ModelResults,
+    markdown_table,
+    merge_results,
+    method_name,
+    to_json,
+    write_report,
+)
 
 __all__ = [
     "ExposureBias",
@@ -25,6 +32,8 @@ __all__ = [
     "length_stats",
     "markdown_table",
     "mean_std",
+    "merge_results",
+    "method_name",
     "next_token_ece",
     "rouge_l",
     "to_json",

@@ -311,7 +311,8 @@ def evaluate_model(
     Always: Rouge-L against the references per seed, ECE on the references, response lengths.
     With ``teacher`` (the teacher and its responses for the same seeds): Rouge-L against the
     teacher's responses, per-token KL(q || p) and KL(p || q) on the model's own samples (``@student``)
-    and on the teacher's (``@teacher``), and ExAccErr from the per-step KL(p || q) on both.
+    and on the teacher's (``@teacher``), and ExAccErr from the per-step KL(p || q) on both (the
+    curve, and ``exacc_err``: its value at the last length, one number over all seeds).
     """
     refs = [p.reference for p in eval_set.prompts]
     metrics = {"rougeL": [corpus_rouge_l(texts, refs) for texts in responses.texts]}
@@ -344,6 +345,7 @@ def evaluate_model(
             metrics[f"fkl@{source}"] = [_token_mean(s, "forward_kl") for s in stats]
             steps[source] = _per_step(stats, cfg.exposure_bias_length or cfg.max_new_tokens)
         exposure = exposure_bias(*steps["student"], *steps["teacher"])
+        metrics["exacc_err"] = [float(exposure.exacc_err[-1])]  # at the curve's last length (NaN: undefined)
     metrics["ece"] = [reference_ece(model, eval_set, cfg)]
     lengths = [length_stats([len(t) for t in per_seed], cfg.max_new_tokens) for per_seed in responses.tokens]
     metrics["length"] = [s["mean"] for s in lengths]

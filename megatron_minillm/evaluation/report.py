@@ -8,12 +8,15 @@ curve and free-form details (JSON only). Files written by :func:`write_report` i
 - ``results.md``: rows = models, columns = metrics, "mean ± std" over seeds;
 - ``exacc_err.png``: ExAccErr vs generation length, one line per model (when any model has one);
 - ``metric_<name>.png``: a bar chart of that metric per model, std as error bars.
+
+:func:`merge_results` turns the rows of several ``results.json`` into one row per method (training
+runs "KD@1", "KD@2" -> "KD"), for a table of mean ± std over training runs (tools/merge_results.py).
 """
 
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,3 +121,45 @@ def write_report(results: Sequence[ModelResults], out_dir: str | Path, info: dic
         written.append(out / f"metric_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png")
         plot_metric(results, metric, written[-1])
     return written
+
+
+RUN_SEPARATOR = "@"
+
+
+def method_name(name: str) -> str:
+    """The method of a row name: what comes before the first "@" ("KD@2": KD, the run with seed 2);
+    a name without "@" is its own method."""
+    return name.split(RUN_SEPARATOR, 1)[0]
+
+
+def merge_results(results: Sequence[dict], method: Callable[[str], str] = method_name) -> list[ModelResults]:
+    """The rows of several ``results.json`` (as :func:`to_json` writes them) -> one row per method.
+
+    A row's value of a metric is its mean over the evaluation seeds (NaN where undefined); the rows
+    of one method (its training runs, e.g. "KD@1" and "KD@2") become one :class:`ModelResults` whose
+    values are those means, one per run, so that :func:`markdown_table` and :func:`to_json` give
+    mean ± std over training runs. ``details``: ``runs`` (the merged row names, in order) and
+    ``eval_std`` (per metric, each run's std over its evaluation seeds). Methods and metrics keep
+    the order of first appearance. A row name may appear in several files only for the same
+    checkpoint (``info.checkpoints``: e.g. the teacher of every evaluation); it counts once.
+    """
+    paths: dict[str, str | None] = {}
+    methods: dict[str, ModelResults] = {}
+    for data in results:
+        checkpoints = (data.get("info") or {}).get("checkpoints") or {}
+        for row in data["models"]:
+            name, path = row["name"], checkpoints.get(row["name"])
+            if name in paths:
+                if path is None or paths[name] != path:
+                    raise ValueError(
+                        f"row {name!r} appears twice for different (or unnamed) checkpoints: {paths[name]}, {path}"
+                    )
+                continue
+            paths[name] = path
+            group = methods.setdefault(method(name), ModelResults(method(name), details={"runs": [], "eval_std": {}}))
+            group.details["runs"].append(name)
+            for metric, stats in row["metrics"].items():
+                mean, std = (math.nan if v is None else float(v) for v in (stats["mean"], stats["std"]))
+                group.metrics.setdefault(metric, []).append(mean)
+                group.details["eval_std"].setdefault(metric, []).append(std if math.isfinite(std) else None)
+    return list(methods.values())
