@@ -151,7 +151,9 @@ def speculative_generate(
     )
     rollout.speculation = stats
     if keep_teacher:
-        rollout.teacher_logits, rollout.teacher_log_p = out_teacher[:, :length], out_teacher_log_p[:, :length] * mask
+        # mask[:, :length]: when every row stopped early, length < max_new_tokens
+        rollout.teacher_logits = out_teacher[:, :length]
+        rollout.teacher_log_p = out_teacher_log_p[:, :length] * mask[:, :length]
     return rollout
 
 

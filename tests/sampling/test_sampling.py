@@ -431,7 +431,15 @@ def _stop_inside_an_accepted_block() -> dict:
         if tokens[1] == tokens[0]:
             continue  # the stop id would end the row at position 0
         params = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_ids=(tokens[1],), speculative_k=3)
-        r = generate(student, [prompts[i]], params, seeds[i : i + 1], vocab_size=VOCAB, teacher=teacher)
+        r = generate(
+            student, [prompts[i]], params, seeds[i : i + 1], vocab_size=VOCAB, teacher=teacher,
+            teacher_logits_dtype=torch.float32,
+        )  # fmt: skip
+        # Every row stopped before max_new_tokens: the kept teacher outputs are as long as the responses.
+        assert r.teacher_log_p.shape == r.teacher_logits.shape[:2] == r.tokens.shape, (
+            r.teacher_log_p.shape,
+            r.tokens.shape,
+        )
         out[i] = (tokens, r.responses()[0], r.speculation.accepted, r.speculation.row_rounds)
     return out
 
