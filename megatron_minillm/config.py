@@ -217,6 +217,36 @@ class KDConfig:
 
 
 @dataclass
+class GuardrailsConfig:
+    """Collapse guardrails (docs/training.md): per check, the student's reverse KL on a fixed set of
+    the teacher's samples, its response length against the teacher's and the repetition in its own
+    samples; a warning (or a stop) when reverse-KL training drifts into a degenerate mode."""
+
+    enabled: bool = knob(True, "the checks (runs that have a teacher); false: off")
+    probe_samples: int = knob(8, "teacher samples of the first training prompts, drawn once, the student is scored on")
+    interval: int = knob(
+        0,
+        "iterations between checks (each: one teacher and one student forward over the probe); 0: every "
+        "iteration of on-policy objectives (a rollout batch each), every 20th of the others (one step each)",
+    )
+    distinct_n: int = knob(2, "n of distinct-n: the share of each response's n-grams that are unique")
+    min_distinct: float = knob(0.5, "warn when the student's samples' mean distinct-n falls below this")
+    rkl_tolerance: float = knob(
+        0.05,
+        "warn when the reverse KL on the student's own samples is this much (relative) below, and on the "
+        "teacher's samples this much above, their values at the check with the lowest teacher-sample value",
+    )
+    patience: int = knob(2, "consecutive checks the reverse-KL divergence must last before a warning")
+    stop: bool = knob(False, "stop the run (without saving) when a guardrail fires, instead of warning")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "probe_samples", "distinct_n", "patience")
+        _require(self, "guardrails", ">= 0", lambda v: v >= 0, "interval")
+        _require(self, "guardrails", "in [0, 1]", lambda v: 0 <= v <= 1, "min_distinct")
+        _require(self, "guardrails", "in [0, 1)", lambda v: 0 <= v < 1, "rkl_tolerance")
+
+
+@dataclass
 class CheckpointConfig:
     """Training checkpoints (iter_XXXXXXX/, latest), resumed from when present."""
 
@@ -259,6 +289,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -43,6 +43,7 @@ from megatron_minillm.data import (
     load_tokenizer,
 )
 from megatron_minillm.data.micro_batch import MicroBatch, pack, sequence_length
+from megatron_minillm.losses import reverse_kl
 from megatron_minillm.models import Architecture, load_architecture
 from megatron_minillm.models.builder import DTYPES, check_layout
 from megatron_minillm.parallel import LayoutError, ParallelLayout, init_distributed
@@ -53,11 +54,24 @@ from megatron_minillm.platform import device, is_cuda
 from megatron_minillm.sampling import Rollout, generate, sample_seeds
 from megatron_minillm.sampling.rollout import SpeculationStats
 from megatron_minillm.training.checkpointing import PreemptionFlag, load_training_checkpoint, save_training_checkpoint
+from megatron_minillm.training.guardrails import (
+    LENGTH_RATIO,
+    OWN_RKL,
+    PROBE_RKL,
+    Check,
+    CollapseError,
+    Guardrails,
+    distinct_n,
+)
 from megatron_minillm.training.optimizer import setup_model_and_optimizer
-from megatron_minillm.training.schedule import train_step
+from megatron_minillm.training.schedule import forward_outputs, train_step
 from megatron_minillm.training.teacher import Teacher, set_teacher_outputs
 
 log = logging.getLogger("megatron_minillm.train")
+
+# The guardrails' fixed teacher samples: scored by the teacher, then by the student (no loss).
+PROBE = BatchKind("probe", "sampled", logit_losses=0, teacher_logits=True)
+OFF_POLICY_CHECK_INTERVAL = 20  # guardrails.interval=0 for objectives whose iteration is one optimizer step
 
 
 @dataclass
@@ -208,6 +222,12 @@ class Trainer:
         )
         self.timers = Timers()
         self.sample_stats: dict[str, float] = {}
+        self.own_samples: list[Tensor] = []  # the last on-policy iteration's responses (guardrails)
+        guarded = cfg.guardrails.enabled and self.teacher is not None
+        self.guardrails = Guardrails(cfg.guardrails) if guarded else None
+        self.guardrail_interval = cfg.guardrails.interval or (1 if self.on_policy else OFF_POLICY_CHECK_INTERVAL)
+        self.probe: list[MicroBatch] = []  # built at the first check
+        self.probe_length = 0.0  # the teacher's mean response length on the probe prompts
         self.preemption = PreemptionFlag()
 
     # ----------------------------------------------------------------------------------------------
@@ -256,8 +276,16 @@ class Trainer:
         limit = self.cfg.training.max_prompt_length
         return [torch.from_numpy(p[:limit]) for p, _ in pairs], [torch.from_numpy(r) for _, r in pairs]
 
-    def _pack(self, kind: BatchKind, prompts: list[Tensor], responses: list[Tensor], **per_token) -> list[MicroBatch]:
-        """Micro-batches of ``kind``; one optimizer step's share their [mbs, s] (see ``sequence_length``)."""
+    def _pack(
+        self,
+        kind: BatchKind,
+        prompts: list[Tensor],
+        responses: list[Tensor],
+        micro_batch_size: int | None = None,
+        **per_token,
+    ) -> list[MicroBatch]:
+        """Micro-batches of ``kind`` (of ``training.micro_batch_size`` unless given); one optimizer
+        step's share their [mbs, s] (see ``sequence_length``)."""
         t = self.cfg.training
         seq = sequence_length(
             [len(p) + len(y) for p, y in zip(prompts, responses)],
@@ -269,7 +297,7 @@ class Trainer:
             prompts,
             responses,
             kind=kind.name,
-            micro_batch_size=t.micro_batch_size,
+            micro_batch_size=micro_batch_size or t.micro_batch_size,
             seq_length=seq,
             pad_id=self.tokenizer.pad_id,
             device=self.device,
@@ -401,6 +429,7 @@ class Trainer:
         if self.is_last_stage:
             objective.prepare_samples(samples)
         self.sample_stats = self._sample_stats(samples, responses) | self._speculation_stats(rollouts)
+        self.own_samples = responses
         self.timers.add("score", start)
 
         # Each epoch visits the steps in a new order (LMOps reshuffles the buffer; keeping the sets
@@ -426,23 +455,8 @@ class Trainer:
         start = time.perf_counter()
         _, indices = self._sample_ids(iteration, cfg.training.global_batch_size)
         prompts, responses = self._examples(indices)
-        if self.objective.samples == "teacher":  # drawn once per example: its seed is the example's
-            max_new = cfg.training.max_length - cfg.training.max_prompt_length
-            params = cfg.rollout.sampling_params(max_new, (self.tokenizer.eos_id,), mix=False)
-            model, teacher = self.teacher.model, None
-            if self.teacher.own_layout:  # p~ = p at alpha = 1: the teacher's tokens, in the student's layout
-                params = dataclasses.replace(params, mix_alpha=1.0, speculative_k=0)
-                model, teacher = self.model, self.teacher.sampler
-            rollout = generate(
-                model,
-                prompts,
-                params,
-                sample_seeds(cfg.seed, torch.tensor(indices, device=self.device)),
-                vocab_size=self.arch.vocab_size,
-                teacher=teacher,
-                pad_id=self.tokenizer.pad_id,
-            )
-            responses = response_tensors(rollout)[0]
+        if self.objective.samples == "teacher":
+            responses = self._teacher_samples(prompts, indices)
         self.timers.add("rollout", start)
         start = time.perf_counter()
         batches = self._pack(kind, prompts, responses)
@@ -453,6 +467,27 @@ class Trainer:
         self.timers.add("train", start)
         self.sample_stats = {"response length": sum(map(len, responses)) / max(len(responses), 1)}
         return metrics
+
+    def _teacher_samples(self, prompts: list[Tensor], indices: list[int]) -> list[Tensor]:
+        """The teacher's responses to dataset examples ``indices``, drawn with the rollout warpers;
+        a sample's seed is its example's, so an example always gets the same response."""
+        cfg = self.cfg
+        max_new = cfg.training.max_length - cfg.training.max_prompt_length
+        params = cfg.rollout.sampling_params(max_new, (self.tokenizer.eos_id,), mix=False)
+        model, teacher = self.teacher.model, None
+        if self.teacher.own_layout:  # p~ = p at alpha = 1: the teacher's tokens, in the student's layout
+            params = dataclasses.replace(params, mix_alpha=1.0, speculative_k=0)
+            model, teacher = self.model, self.teacher.sampler
+        rollout = generate(
+            model,
+            prompts,
+            params,
+            sample_seeds(cfg.seed, torch.tensor(indices, device=self.device)),
+            vocab_size=self.arch.vocab_size,
+            teacher=teacher,
+            pad_id=self.tokenizer.pad_id,
+        )
+        return response_tensors(rollout)[0]
 
     def _sample_stats(self, batches: list[MicroBatch], responses: list[Tensor]) -> dict[str, float]:
         """The objective's statistics of the samples as token means over all DP ranks, and the mean
@@ -519,6 +554,8 @@ class Trainer:
         train_iters = cfg.training.train_iters
         for iteration in range(start_iteration, train_iters):
             metrics = self.iteration(iteration)
+            if self.guardrails and (iteration + 1) % self.guardrail_interval == 0:
+                metrics.update(self._guardrail_check(iteration + 1, metrics))
             if (iteration + 1) % cfg.logging.log_interval == 0 or iteration + 1 == train_iters:
                 elapsed = time.perf_counter() - last_log
                 self._log(iteration + 1, metrics, elapsed, writer)
@@ -533,6 +570,73 @@ class Trainer:
                 break
         return metrics
 
+    # ----------------------------------------------------------------------------------------------
+    # collapse guardrails (guardrails.py)
+
+    def _build_probe(self) -> None:
+        """The teacher's samples of the first ``probe_samples`` training prompts (rounded up to a
+        multiple of DP), split over the DP ranks, one micro-batch per rank; their mean length."""
+        n = math.ceil(self.cfg.guardrails.probe_samples / self.dp) * self.dp
+        indices = [i % len(self.data) for i in range(self.dp_rank, n, self.dp)]
+        prompts, _ = self._examples(indices)
+        responses = self._teacher_samples(prompts, indices)
+        self.probe = self._pack(PROBE, prompts, responses, micro_batch_size=len(prompts))
+        length = torch.tensor([float(sum(map(len, responses)))], dtype=torch.float64, device=self.device)
+        dist.all_reduce(length, group=self.dp_group)
+        self.probe_length = length.item() / n
+
+    def _probe_rkl(self) -> tuple[float, float]:
+        """(sum of the student's per-token reverse KL on the probe, its tokens) on this DP rank's
+        share (last stage; zeros elsewhere): the teacher scores the probe afresh (nothing kept between
+        checks), the student runs forward only, in eval mode."""
+        probe = [b.replace() for b in self.probe]
+        self._score(PROBE, probe)
+        self.model.eval()
+        sums = forward_outputs(
+            self.model,
+            probe,
+            lambda b, z: reverse_kl(z, b.teacher_logits, vocab_size=self.arch.vocab_size, reduction="sum"),
+        )
+        self.model.train()
+        return float(sum(sums)), float(sum(b.loss_mask.sum() for b in probe)) if sums else 0.0
+
+    def _guardrail_check(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+        """One check (collective): the guardrails' numbers, logged with the iteration's; warnings, or
+        :class:`CollapseError` with ``guardrails.stop``. The last rank's numbers (last stage,
+        summed over its DP group) are broadcast, so every rank takes the same decision."""
+        cfg, start = self.cfg.guardrails, time.perf_counter()
+        if not self.probe:
+            self._build_probe()
+        rkl, tokens = self._probe_rkl()
+        grams, counted = distinct_n([r.tolist() for r in self.own_samples], cfg.distinct_n)  # host: token ids
+        own_length = float(sum(map(len, self.own_samples)))
+        sums = torch.tensor(
+            [rkl, tokens, grams, counted, own_length, len(self.own_samples)], dtype=torch.float64, device=self.device
+        )
+        dist.all_reduce(sums, group=self.dp_group)
+        own_rkl = torch.tensor([metrics.get(OWN_RKL, math.nan)], dtype=torch.float64, device=self.device)
+        numbers = torch.cat([sums, own_rkl])
+        dist.broadcast(numbers, src=dist.get_world_size() - 1)
+        rkl, tokens, grams, counted, own_length, samples, own_rkl = numbers.tolist()
+        check = Check(iteration, probe_rkl=rkl / max(tokens, 1.0))
+        out = {PROBE_RKL: check.probe_rkl}
+        if samples:  # on-policy: the student's own samples of this iteration
+            check.own_rkl = None if math.isnan(own_rkl) else own_rkl
+            check.distinct = grams / max(counted, 1.0)
+            check.length_ratio = own_length / samples / max(self.probe_length, 1e-9)
+            out |= {f"distinct-{cfg.distinct_n}": check.distinct, LENGTH_RATIO: check.length_ratio}
+        warnings = self.guardrails.update(check)
+        if dist.get_rank() == dist.get_world_size() - 1:
+            for warning in warnings:
+                log.warning("guardrails, iteration %d: %s", iteration, warning)
+        self.timers.add("guardrails", start)
+        if warnings and cfg.stop:
+            raise CollapseError(
+                f"iteration {iteration}: {'; '.join(warnings)}. Stopped without saving (guardrails.stop=true); "
+                "resume from the last checkpoint with a lower learning rate, or set guardrails.stop=false"
+            )
+        return out
+
     def _resume(self) -> int:
         """The iteration to start from: that of the latest checkpoint in ``checkpoint.save``, else 0."""
         save = self.cfg.checkpoint.save
@@ -543,7 +647,9 @@ class Trainer:
         )
         if found is None:
             return 0
-        iteration, _ = found
+        iteration, state = found
+        if self.guardrails and "guardrails" in state:
+            self.guardrails.load_state_dict(state["guardrails"])
         log.info("resumed from %s at iteration %d", save, iteration)
         return iteration
 
@@ -551,6 +657,8 @@ class Trainer:
         """Model, optimizer, scheduler, RNG states and the resolved config; the data position is
         the iteration itself (see :meth:`_sample_ids`)."""
         state = {"iteration": iteration, "config": self.cfg.to_dict()}
+        if self.guardrails:
+            state["guardrails"] = self.guardrails.state_dict()
         save_training_checkpoint(
             self.cfg.checkpoint.save,
             iteration,
@@ -572,8 +680,9 @@ class Trainer:
         tokens_per_s = metrics.get("response length", 0.0) * samples * cfg.logging.log_interval / max(elapsed, 1e-9)
         parts = [f"iteration {iteration:6d}/{cfg.training.train_iters}", f"lr {metrics['lr']:.3e}"]
         parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k != "lr"]
-        phases = "/".join(f"{100 * shares.get(k, 0.0) / total:.0f}" for k in ("rollout", "score", "train"))
-        parts.append(f"rollout/score/train {phases} %")
+        names = ("rollout", "score", "train", "guardrails")
+        phases = "/".join(f"{100 * shares.get(k, 0.0) / total:.0f}" for k in names)
+        parts.append(f"{'/'.join(names)} {phases} %")
         parts += [
             f"response tokens/s {tokens_per_s:.1f}",
             f"peak mem {self._peak_memory_gb():.2f} GB",

@@ -86,6 +86,9 @@ def test_minillm_at_tp2_pp2_dp2_equals_one_process(tiny_pair):
             "reward",
             "rkl to teacher",
             "response length",
+            "rkl on teacher samples",  # the guardrails' probe (on by default)
+            "distinct-2",
+            "length / teacher",
         ):
             # 4 optimizer steps at lr 1e-3: reduction orders differ between layouts (fp32)
             assert a[key] == pytest.approx(b[key], abs=2e-3), (key, a, b)
