@@ -28,21 +28,13 @@ while [ $# -gt 0 ]; do
 done
 
 source "$ROOT/scripts/setup_venv.sh"
+source "$ROOT/scripts/lib.sh"
 cd "$ROOT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-# Budgets: the full run and the smoke run differ only in these numbers.
-if [ "$QUICK" = 1 ]; then
-  OUT="${OUT:-runs/demo-quick}"
-  EVAL_PROMPTS=2 SEEDS="10" EVAL_NEW_TOKENS=8 PROMPT_LEN=96 MAX_LEN=112
-  SFT_ITERS=2 KD_ITERS=2 MINILLM_ITERS=1 ROLLOUTS=6 PPO_EPOCHS=1 GLOBAL_BATCH=6 LOG_INTERVAL=1
-  ANSWER_PROMPTS=12 ANSWER_TOKENS=8
-else
-  OUT="${OUT:-runs/demo}"
-  EVAL_PROMPTS=48 SEEDS="10 20" EVAL_NEW_TOKENS=64 PROMPT_LEN=128 MAX_LEN=192
-  SFT_ITERS=60 KD_ITERS=30 MINILLM_ITERS=4 ROLLOUTS=16 PPO_EPOCHS=4 GLOBAL_BATCH=8 LOG_INTERVAL=1
-  ANSWER_PROMPTS=100000 ANSWER_TOKENS=96  # every training prompt (349 of T0's 600 fit 128 tokens)
-fi
+# Budgets (scripts/lib.sh): the full run and the smoke run differ only in those numbers.
+demo_budgets "$QUICK"
+if [ "$QUICK" = 1 ]; then OUT="${OUT:-runs/demo-quick}"; else OUT="${OUT:-runs/demo}"; fi
 # The student keeps the teacher's first 4 and last 8 layers: the last layers matter most to a layer-dropped
 # copy (docs/results.md, "Choosing the student": loss on the teacher's answers 8.6 nats before training,
 # evenly spaced 8 layers 17.2).
@@ -53,12 +45,7 @@ if [ -f "$OUT/data/done" ] && [ ! -f "$OUT/data/t0ref_train.jsonl" ]; then
   exit 2
 fi
 mkdir -p "$OUT"
-# One process needs no launcher (its MASTER_PORT, if set, is read from the environment).
-# Several: megatron_minillm.launch (torchrun with exit status 0 after a SIGTERM the workers saved on).
-if [ "$TP" = 1 ]; then RUN=(python); else RUN=(python -m megatron_minillm.launch --nproc-per-node "$TP" --master-port "${MASTER_PORT:-29533}"); fi
-step() { echo; echo "=== [demo $(date +%T)] $*"; }
-last_checkpoint() { printf "%s/iter_%07d" "$1" "$(cat "$1/latest")"; }  # `latest` holds the iteration
-trained() { [ -f "$1/latest" ] && [ "$(cat "$1/latest")" -ge "$2" ]; }  # else the trainer resumes from $1
+set_launcher "$TP"
 
 step "1. teacher: GGUF -> HF -> native (SmolLM2-135M-Instruct, 30 layers)"
 [ -d "$OUT/teacher_hf" ] || python tools/checkpoint/convert.py gguf-to-hf --out "$OUT/teacher_hf"
@@ -104,11 +91,8 @@ PY
   touch "$OUT/data/t0_train.done"
 fi
 
-# What every training run shares: the student, data, layout, lengths, logging (examples/configs/*.yaml
-# hold the rest of each recipe; section.key=value overrides them).
-COMMON=(data="$OUT/data/t0_train" parallel.tp="$TP" parallel.pp=1 training.dtype=fp32
-        training.max_prompt_length="$PROMPT_LEN" training.max_length="$MAX_LEN" training.micro_batch_size=2
-        training.global_batch_size="$GLOBAL_BATCH" logging.log_interval="$LOG_INTERVAL" checkpoint.save_interval=0)
+# What every training run shares: the student, data, layout, lengths, logging (scripts/lib.sh).
+common_args "$OUT/data/t0_train" "$TP"
 
 step "5. SFT of the student on the teacher's answers ($SFT_ITERS steps)"
 trained "$OUT/sft" "$SFT_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/sft.yaml "${COMMON[@]}" \
@@ -116,15 +100,10 @@ trained "$OUT/sft" "$SFT_ITERS" || "${RUN[@]}" -m megatron_minillm.train --confi
 SFT="$(last_checkpoint "$OUT/sft")"
 
 step "6. MiniLLM from the SFT student ($MINILLM_ITERS rollout iterations of $ROLLOUTS samples)"
-trained "$OUT/minillm" "$MINILLM_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/minillm.yaml "${COMMON[@]}" \
-  student="$SFT" teacher="$OUT/teacher" pt_data="$OUT/data/pt_train" checkpoint.save="$OUT/minillm" \
-  training.train_iters="$MINILLM_ITERS" rollout.batch_size="$ROLLOUTS" rollout.micro_batch_size="$ROLLOUTS" \
-  minillm.ppo_epochs="$PPO_EPOCHS" optimizer.lr=2e-5 optimizer.lr_warmup_iters=0
+train_minillm "$OUT/minillm" "$SFT" "$OUT/teacher" "$OUT/data/pt_train"
 
 step "7. word-level KD from the SFT student ($KD_ITERS steps; the baseline)"
-trained "$OUT/kd" "$KD_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/kd.yaml "${COMMON[@]}" \
-  student="$SFT" teacher="$OUT/teacher" checkpoint.save="$OUT/kd" training.train_iters="$KD_ITERS" optimizer.lr=2e-5 \
-  optimizer.min_lr=2e-6
+train_kd "$OUT/kd" "$SFT" "$OUT/teacher"
 
 step "8. evaluation on $EVAL_PROMPTS held-out SelfInst prompts, seeds $SEEDS"
 [ -f "$OUT/eval/results.md" ] || "${RUN[@]}" tools/evaluate.py --tp "$TP" --teacher "$OUT/teacher" \
