@@ -10,7 +10,7 @@
 #      samples, ExAccErr, ECE, length);
 #   4. one table, a row per method, mean ± std over training seeds: DIR/table.md, DIR/table.json.
 #
-#   bash scripts/paper_table.sh           # ~2.25 h on 2 idle CPU cores (estimate below)
+#   bash scripts/paper_table.sh           # ~2.4 h on 2 CPU cores (estimate below)
 #   bash scripts/paper_table.sh --quick   # the same pipeline, tiny budgets: a smoke run
 #
 # Options: --quick, --out DIR (default runs/paper, or runs/paper-quick), --tp N (default 3, as the
@@ -18,16 +18,15 @@
 # Each finished step leaves its output in DIR and is skipped when the script runs again; an
 # interrupted training run resumes from its last checkpoint.
 #
-# Time of the full run, estimated from the demo's measured steps at TP=3 on 2 idle cores
-# (docs/results.md: MiniLLM 4 iterations 12.2 min, KD 60 steps 6.9 min, evaluation of 4 models x
-# 2 seeds x 48 prompts 10.6 min, the whole demo 35 min) and SeqKD's step measured against KD's
-# (1.8x: the teacher samples 8 answers of up to 64 tokens per step):
-#   the demo (its own MiniLLM, KD and evaluation included)              35 min
-#   per training seed: KD 40 steps (6.9 x 40/60 = 4.6), SeqKD 40 steps
-#     (4.6 x 1.8 = 8.3), MiniLLM and 3 ablations at 2 iterations each
-#     (4 x 12.2 / 2 = 24.4)                                          37.3 min, x 2 seeds = 75 min
-#   evaluation: 14 models x 2 seeds x 32 prompts (10.6 x 14/4 x 32/48)   25 min
-#   total                                                            ~135 min (<= 2.5 h)
+# Time of the full run, estimated (not yet measured) from the demo's measured steps at TP=3 on 2
+# cores (docs/results.md, the 12-layer student: the whole demo 42.9 min, MiniLLM 4 iterations 12.3 min,
+# KD 30 steps 5.7 min, evaluation of 4 models x 2 seeds x 48 prompts 12.5 min) and SeqKD's step
+# measured against KD's (1.8x: the teacher samples 8 answers of up to 64 tokens per step):
+#   the demo (its own MiniLLM, KD and evaluation included)              43 min
+#   per training seed: KD 30 steps (5.7), SeqKD 30 steps (5.7 x 1.8 =
+#     10.3), MiniLLM and 3 ablations at 2 iterations each (4 x 6.15)  40.6 min, x 2 seeds = 81 min
+#   evaluation: 14 models x 2 seeds x 24 prompts (12.5 x 14/4 x 24/48)   22 min
+#   total                                                            ~146 min (<= 2.5 h)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -51,13 +50,13 @@ cd "$ROOT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # Budgets: the demo's (scripts/lib.sh: lengths, batch, learning rates, rollouts, PPO epochs, evaluation
-# seeds), but fewer steps (KD and SeqKD 40 steps, MiniLLM and its ablations 2 rollout iterations) and
+# seeds), but fewer steps (KD and SeqKD 30 steps, MiniLLM and its ablations 2 rollout iterations) and
 # fewer evaluation prompts (14 models): 12 training runs and one evaluation fit 2.5 h.
 demo_budgets "$QUICK"
 if [ "$QUICK" = 1 ]; then
   OUT="${OUT:-runs/paper-quick}" EVAL_PROMPTS=2 KD_ITERS=1 SEQKD_ITERS=1 MINILLM_ITERS=1
 else
-  OUT="${OUT:-runs/paper}" EVAL_PROMPTS=32 KD_ITERS=40 SEQKD_ITERS=40 MINILLM_ITERS=2
+  OUT="${OUT:-runs/paper}" EVAL_PROMPTS=24 KD_ITERS=30 SEQKD_ITERS=30 MINILLM_ITERS=2
 fi
 [ "$FRESH" = 1 ] && rm -rf "$OUT"
 mkdir -p "$OUT"
