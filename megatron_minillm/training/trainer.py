@@ -609,21 +609,18 @@ class Trainer:
             self._build_probe()
         rkl, tokens = self._probe_rkl()
         grams, counted = distinct_n([r.tolist() for r in self.own_samples], cfg.distinct_n)  # host: token ids
-        own_length = float(sum(map(len, self.own_samples)))
-        sums = torch.tensor(
-            [rkl, tokens, grams, counted, own_length, len(self.own_samples)], dtype=torch.float64, device=self.device
-        )
+        sums = torch.tensor([rkl, tokens, grams, counted], dtype=torch.float64, device=self.device)
         dist.all_reduce(sums, group=self.dp_group)
         own_rkl = torch.tensor([metrics.get(OWN_RKL, math.nan)], dtype=torch.float64, device=self.device)
         numbers = torch.cat([sums, own_rkl])
         dist.broadcast(numbers, src=dist.get_world_size() - 1)
-        rkl, tokens, grams, counted, own_length, samples, own_rkl = numbers.tolist()
+        rkl, tokens, grams, counted, own_rkl = numbers.tolist()
         check = Check(iteration, probe_rkl=rkl / max(tokens, 1.0))
         out = {PROBE_RKL: check.probe_rkl}
-        if samples:  # on-policy: the student's own samples of this iteration
+        if self.on_policy:  # the student's own samples of this iteration (their mean length: _sample_stats')
             check.own_rkl = None if math.isnan(own_rkl) else own_rkl
             check.distinct = grams / max(counted, 1.0)
-            check.length_ratio = own_length / samples / max(self.probe_length, 1e-9)
+            check.length_ratio = metrics["response length"] / max(self.probe_length, 1e-9)
             out |= {f"distinct-{cfg.distinct_n}": check.distinct, LENGTH_RATIO: check.length_ratio}
         warnings = self.guardrails.update(check)
         if dist.get_rank() == dist.get_world_size() - 1:
