@@ -10,7 +10,7 @@
 #      samples, ExAccErr, ECE, length);
 #   4. one table, a row per method, mean ± std over training seeds: DIR/table.md, DIR/table.json.
 #
-#   bash scripts/paper_table.sh           # ~2.4 h on 2 CPU cores (estimate below)
+#   bash scripts/paper_table.sh           # 2.1 h on 2 CPU cores after the demo, ~2.9 h from scratch
 #   bash scripts/paper_table.sh --quick   # the same pipeline, tiny budgets: a smoke run
 #
 # Options: --quick, --out DIR (default runs/paper, or runs/paper-quick), --tp N (default 3, as the
@@ -18,15 +18,10 @@
 # Each finished step leaves its output in DIR and is skipped when the script runs again; an
 # interrupted training run resumes from its last checkpoint.
 #
-# Time of the full run, estimated (not yet measured) from the demo's measured steps at TP=3 on 2
-# cores (docs/results.md, the 12-layer student: the whole demo 42.9 min, MiniLLM 4 iterations 12.3 min,
-# KD 30 steps 5.7 min, evaluation of 4 models x 2 seeds x 48 prompts 12.5 min) and SeqKD's step
-# measured against KD's (1.8x: the teacher samples 8 answers of up to 64 tokens per step):
-#   the demo (its own MiniLLM, KD and evaluation included)              43 min
-#   per training seed: KD 30 steps (5.7), SeqKD 30 steps (5.7 x 1.8 =
-#     10.3), MiniLLM and 3 ablations at 2 iterations each (4 x 6.15)  40.6 min, x 2 seeds = 81 min
-#   evaluation: 14 models x 2 seeds x 24 prompts (12.5 x 14/4 x 24/48)   22 min
-#   total                                                            ~146 min (<= 2.5 h)
+# Time of the full run, measured at TP=3 on 2 idle cores (2026-12-03, docs/evaluation.md): with a
+# finished demo copied to DIR/demo (its steps skipped) 128.6 min: per training seed KD 5.4-5.8 min,
+# SeqKD 12.6-16.7, MiniLLM and 3 ablations 27.5-32.4; the evaluation of 14 models 28.2 min. The demo
+# itself adds 43 min.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
