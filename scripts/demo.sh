@@ -9,20 +9,22 @@
 #   bash scripts/demo.sh --quick    # the same pipeline, tiny budgets (~4 min idle): a smoke run
 #
 # Options: --quick, --out DIR (default runs/demo, or runs/demo-quick), --tp N (default 3: SmolLM2
-# has 9 heads and 3 KV heads, so TP=2 cannot split it; 3 ranks over gloo), --fresh (start over).
+# has 9 heads and 3 KV heads, so TP=2 cannot split it; 3 ranks over gloo), --fresh (start over),
+# --sft-only (stop after step 5: the teacher, the data and the SFT student, what paper_table.sh needs).
 # Each finished step leaves its output in DIR and is skipped when the script runs again; an
 # interrupted training run resumes from its last checkpoint.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-QUICK=0 OUT="" TP=3 FRESH=0
+QUICK=0 OUT="" TP=3 FRESH=0 SFT_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --out) OUT="$2"; shift ;;
     --tp) TP="$2"; shift ;;
     --fresh) FRESH=1 ;;
-    *) echo "demo.sh: unknown option $1 (known: --quick --out DIR --tp N --fresh)" >&2; exit 2 ;;
+    --sft-only) SFT_ONLY=1 ;;
+    *) echo "demo.sh: unknown option $1 (known: --quick --out DIR --tp N --fresh --sft-only)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -98,6 +100,7 @@ step "5. SFT of the student on the teacher's answers ($SFT_ITERS steps)"
 trained "$OUT/sft" "$SFT_ITERS" || "${RUN[@]}" -m megatron_minillm.train --config examples/configs/sft.yaml "${COMMON[@]}" \
   student="$OUT/student" checkpoint.save="$OUT/sft" training.train_iters="$SFT_ITERS" optimizer.lr=1e-3 optimizer.min_lr=1e-4
 SFT="$(last_checkpoint "$OUT/sft")"
+[ "$SFT_ONLY" = 0 ] || { step "done (--sft-only): the SFT student $SFT"; exit 0; }
 
 step "6. MiniLLM from the SFT student ($MINILLM_ITERS rollout iterations of $ROLLOUTS samples)"
 train_minillm "$OUT/minillm" "$SFT" "$OUT/teacher" "$OUT/data/pt_train"

@@ -3,14 +3,15 @@
 # ablations (no length normalisation, no teacher-mixed sampling, no single-step term) at CPU scale,
 # on the demo's teacher and SFT student, with several training seeds (docs/evaluation.md, "The
 # paper's table"):
-#   1. bash scripts/demo.sh --out DIR/demo: the teacher, the SFT student, the data;
+#   1. bash scripts/demo.sh --out DIR/demo --sft-only: the teacher, the SFT student, the data (a
+#      finished demo copied to DIR/demo is reused as it is);
 #   2. per training seed, from the same SFT student: KD, SeqKD, MiniLLM and the three ablations;
 #   3. one evaluation of the teacher, the SFT student and every run on held-out SelfInst prompts
 #      (tools/evaluate.py: Rouge-L vs references and vs the teacher, RKL/FKL on own and teacher
 #      samples, ExAccErr, ECE, length);
 #   4. one table, a row per method, mean ± std over training seeds: DIR/table.md, DIR/table.json.
 #
-#   bash scripts/paper_table.sh           # 2.1 h on 2 CPU cores after the demo, ~2.9 h from scratch
+#   bash scripts/paper_table.sh           # 2.35 h on 2 CPU cores (measured steps, below)
 #   bash scripts/paper_table.sh --quick   # the same pipeline, tiny budgets: a smoke run
 #
 # Options: --quick, --out DIR (default runs/paper, or runs/paper-quick), --tp N (default 3, as the
@@ -20,8 +21,8 @@
 #
 # Time of the full run, measured at TP=3 on 2 idle cores (2026-12-03, docs/evaluation.md): with a
 # finished demo copied to DIR/demo (its steps skipped) 128.6 min: per training seed KD 5.4-5.8 min,
-# SeqKD 12.6-16.7, MiniLLM and 3 ablations 27.5-32.4; the evaluation of 14 models 28.2 min. The demo
-# itself adds 43 min.
+# SeqKD 12.6-16.7, MiniLLM and 3 ablations 27.5-32.4; the evaluation of 14 models 28.2 min. From
+# scratch the demo's first 5 steps add 12.5 min (docs/results.md, "Time"): ~141 min.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -57,8 +58,8 @@ fi
 mkdir -p "$OUT"
 set_launcher "$TP"
 
-step "1. the demo: teacher, SFT student, data ($OUT/demo)"
-DEMO_ARGS=(--out "$OUT/demo" --tp "$TP")
+step "1. the demo's first steps: teacher, SFT student, data ($OUT/demo)"
+DEMO_ARGS=(--out "$OUT/demo" --tp "$TP" --sft-only)
 [ "$QUICK" = 1 ] && DEMO_ARGS+=(--quick)
 bash scripts/demo.sh "${DEMO_ARGS[@]}"
 DEMO="$OUT/demo" TEACHER="$OUT/demo/teacher"

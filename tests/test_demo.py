@@ -1,6 +1,6 @@
-"""`bash scripts/paper_table.sh --quick --tp 1 --seeds 1`: the demo and the paper's comparison on the
-real SmolLM2 teacher, end to end, in one run (the paper table starts with `scripts/demo.sh --quick`
-into DIR/demo, so one quick demo serves both scripts' checks).
+"""`bash scripts/demo.sh --quick --tp 1` into DIR/demo, then `bash scripts/paper_table.sh --quick --tp 1
+--seeds 1` on DIR: the demo and the paper's comparison on the real SmolLM2 teacher, end to end (the
+paper table reuses the demo's teacher, data and SFT student, so one quick demo serves both scripts).
 
 At TP=1: the demo's own TP=3 layout of that teacher is tested by tests/checkpoint/test_checkpoint_smollm2.py
 (generation at TP 1/3 x PP 1/3) and costs three ranks on two cores per launch here. One training seed
@@ -49,20 +49,19 @@ def test_quick_demo_and_paper_table_run_end_to_end(smollm2_hf, tmp_path):
     shutil.copytree(smollm2_hf, out / "demo" / "teacher_hf")  # the demo skips the GGUF's conversion
     env = os.environ | {"MASTER_PORT": str(free_port())}
 
-    def paper_table() -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["bash", "scripts/paper_table.sh", "--quick", "--tp", "1", "--seeds", "1", "--out", str(out)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
+    def script(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
+    def paper_table() -> subprocess.CompletedProcess:
+        return script("scripts/paper_table.sh", "--quick", "--tp", "1", "--seeds", "1", "--out", str(out))
+
+    demo = script("scripts/demo.sh", "--quick", "--tp", "1", "--out", str(out / "demo"))
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-5000:]
+    _check_demo(out / "demo")
+    assert "| MiniLLM |" in demo.stdout  # the demo's table is printed
     run = paper_table()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    _check_demo(out / "demo")
-    assert "| MiniLLM |" in run.stdout  # the demo's table is printed
+    assert "done (--sft-only)" in run.stdout and "iteration " not in run.stdout.split("2. seed 1")[0]
     table = json.loads((out / "table.json").read_text())
     assert [m["name"] for m in table["models"]] == METHODS
     for method in table["models"]:
